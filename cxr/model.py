@@ -1,0 +1,112 @@
+"""The classifier: a timm network with one pneumonia logit, and the file it is saved in.
+
+The saved file holds everything inference needs (architecture, input size, resize mode,
+normalization, class names), so a model loads and predicts without params.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from cxr.atomic import atomic_path
+from cxr.dataset import CLASSES
+from cxr.images import ResizeMode, load_square
+
+# Stored beside the model by the evaluate stage, which picks it on validation data.
+THRESHOLD_FILE = "threshold.json"
+
+
+def create_model(arch: str, pretrained: str, drop_rate: float = 0.0) -> nn.Module:
+    """A 1-channel, 1-logit timm model.
+
+    `pretrained` is "none", "imagenet" (timm's hub weights) or a local weights file. A local
+    file goes through timm's own pretrained loading, so its filtering applies: the RGB stem is
+    summed into one grayscale channel and the 1000-class ImageNet head is dropped.
+    """
+    options = {"num_classes": 1, "in_chans": 1, "drop_rate": drop_rate}
+    if not timm.is_model(arch):
+        raise ValueError(f"model.arch: unknown timm architecture {arch!r}")
+    if pretrained == "none":
+        return timm.create_model(arch, pretrained=False, **options)
+    if pretrained == "imagenet":
+        return timm.create_model(arch, pretrained=True, **options)
+    weights = Path(pretrained)
+    if not weights.is_file():
+        raise FileNotFoundError(f"model.pretrained: weights file {weights} not found")
+    try:
+        return timm.create_model(
+            arch, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **options
+        )
+    except (RuntimeError, KeyError, ValueError, OSError) as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise ValueError(f"model.pretrained: {weights} does not fit {arch}: {first_line}") from None
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a saved model needs to turn a new X-ray file into a probability."""
+
+    arch: str
+    image_size: int
+    resize: ResizeMode
+    mean: float
+    std: float
+    class_names: tuple[str, ...] = CLASSES
+    mlflow_run_id: str = ""
+
+
+def save_model(path: Path, model: nn.Module, card: ModelCard) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save({"card": asdict(card), "state_dict": state}, tmp)
+
+
+@dataclass
+class Classifier:
+    """A loaded model with its card and the decision threshold chosen on validation."""
+
+    model: nn.Module
+    card: ModelCard
+    threshold: float
+
+    @classmethod
+    def load(cls, path: Path, device: str = "cpu") -> Classifier:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        card = ModelCard(**{**saved["card"], "class_names": tuple(saved["card"]["class_names"])})
+        model = create_model(card.arch, "none")
+        model.load_state_dict(saved["state_dict"])
+        model.to(device).eval()
+        threshold_file = path.parent / THRESHOLD_FILE
+        threshold = 0.5
+        if threshold_file.is_file():
+            threshold = float(json.loads(threshold_file.read_text())["threshold"])
+        return cls(model, card, threshold)
+
+    def to_tensor(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W) arrays to the normalized (N, 1, H, W) float input."""
+        device = next(self.model.parameters()).device
+        return normalize(torch.as_tensor(images).to(device), self.card.mean, self.card.std)
+
+    def load_image(self, path: Path) -> np.ndarray:
+        return load_square(path, self.card.image_size, self.card.resize)
+
+    @torch.no_grad()
+    def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Pneumonia probability per uint8 image."""
+        probabilities = [
+            torch.sigmoid(self.model(self.to_tensor(images[i : i + batch_size])).float())
+            for i in range(0, len(images), batch_size)
+        ]
+        return torch.cat(probabilities).squeeze(1).cpu().numpy()
+
+
+def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 (N, H, W) on any device to normalized float (N, 1, H, W)."""
+    return ((images.float() / 255.0 - mean) / std).unsqueeze(1)

@@ -1,0 +1,85 @@
+"""The preprocessed dataset: one uint8 array per split, decoded once, read at memory speed.
+
+Layout of data/processed/: `{train,val,test}.npy` (N x size x size, uint8, memory-mappable),
+`index.csv` (one row per array row: split, row, path, label, patient_id, width, height),
+`stats.json` (normalization and how the images were made square), `rejected.csv`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from cxr.dataset import CLASSES
+from cxr.images import ImageDecodeError, ResizeMode, load_square
+
+PROCESSED_DIR = Path("data/processed")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    path: str
+    pixels: np.ndarray | None
+    error: str = ""
+
+
+def _decode(root: Path, size: int, mode: ResizeMode, path: str) -> Decoded:
+    try:
+        return Decoded(path, load_square(root / path, size, mode))
+    except ImageDecodeError as err:
+        return Decoded(path, None, str(err))
+
+
+def decode_all(
+    root: Path, paths: list[str], size: int, mode: ResizeMode, workers: int
+) -> list[Decoded]:
+    """Decode images in parallel, in order; failures come back as errors, never exceptions."""
+    decode = partial(_decode, root, size, mode)
+    workers = workers or os.cpu_count() or 1
+    progress = dict(total=len(paths), unit="img", desc="decode", smoothing=0.1)
+    if workers == 1:
+        return [decode(p) for p in tqdm(paths, **progress)]
+    with Pool(workers) as pool:
+        return list(tqdm(pool.imap(decode, paths, chunksize=8), **progress))
+
+
+def normalization_stats(images: np.ndarray, chunk: int = 512) -> tuple[float, float]:
+    """Mean and standard deviation of pixel values scaled to [0, 1]."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for start in range(0, len(images), chunk):
+        block = images[start : start + chunk].astype(np.float64) / 255.0
+        total += block.sum()
+        total_sq += np.square(block).sum()
+        count += block.size
+    mean = total / count
+    return mean, float(np.sqrt(max(total_sq / count - mean**2, 1e-12)))
+
+
+@dataclass(frozen=True)
+class ProcessedSplit:
+    images: np.ndarray  # (N, size, size) uint8, memory-mapped
+    labels: np.ndarray  # (N,) int64, 1 = PNEUMONIA
+    index: pd.DataFrame
+
+
+def load_split(split: str, folder: Path = PROCESSED_DIR) -> ProcessedSplit:
+    index = pd.read_csv(folder / "index.csv", keep_default_na=False)
+    rows = index[index["split"] == split].sort_values("row").reset_index(drop=True)
+    images = np.load(folder / f"{split}.npy", mmap_mode="r")
+    if len(images) != len(rows):
+        raise ValueError(f"{folder}/{split}.npy has {len(images)} rows, index.csv {len(rows)}")
+    labels = rows["label"].map(CLASSES.index).to_numpy(dtype=np.int64)
+    return ProcessedSplit(images, labels, rows)
+
+
+def load_stats(folder: Path = PROCESSED_DIR) -> dict:
+    return json.loads((folder / "stats.json").read_text())

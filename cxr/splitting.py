@@ -1,0 +1,85 @@
+"""Patient-grouped, class-stratified re-split of the official train+val images.
+
+Kaggle's val folder holds 16 images, too few to choose a threshold or stop early on. The
+official train and val images are pooled and re-split so that no patient and no byte-identical
+image appears on both sides; the official test set is kept as the test set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+SPLIT_COLUMNS = ["path", "label", "patient_id", "sha256", "split", "reason"]
+
+
+def connected_groups(patients: pd.Series, hashes: pd.Series) -> np.ndarray:
+    """Group id per image: images sharing a patient or identical bytes end up together."""
+    parent: dict[str, str] = {}
+
+    def find(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for patient, digest in zip(patients, hashes, strict=True):
+        parent[find(f"p:{patient}")] = find(f"h:{digest}")
+    roots = [find(f"p:{patient}") for patient in patients]
+    return pd.factorize(pd.Series(roots))[0]
+
+
+def split_dataset(
+    manifest: pd.DataFrame, val_fraction: float, seed: int, drop_test_patient_overlap: bool
+) -> pd.DataFrame:
+    """Assign every readable image to train, val or test; leaked or unreadable ones to excluded."""
+    table = manifest.assign(split="", reason="")
+    table.loc[~table["readable"], ["split", "reason"]] = ["excluded", "unreadable"]
+    is_test = table["readable"] & (table["official_split"] == "test")
+    table.loc[is_test, "split"] = "test"
+
+    pool = table["readable"] & ~is_test
+    test_hashes = set(table.loc[is_test, "sha256"])
+    same_bytes = pool & table["sha256"].isin(test_hashes)
+    table.loc[same_bytes, ["split", "reason"]] = ["excluded", "same bytes as a test image"]
+    if drop_test_patient_overlap:
+        test_patients = set(table.loc[is_test, "patient_id"])
+        same_patient = pool & ~same_bytes & table["patient_id"].isin(test_patients)
+        table.loc[same_patient, ["split", "reason"]] = ["excluded", "patient id in test set"]
+
+    pool_index = table.index[pool & (table["split"] == "")]
+    pool_rows = table.loc[pool_index]
+    groups = connected_groups(pool_rows["patient_id"], pool_rows["sha256"])
+    folds = max(2, round(1 / val_fraction))
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    _, val_positions = next(splitter.split(pool_rows, pool_rows["label"], groups))
+    table.loc[pool_index, "split"] = "train"
+    table.loc[pool_index[val_positions], "split"] = "val"
+    return table[SPLIT_COLUMNS]
+
+
+def split_report(table: pd.DataFrame) -> dict:
+    """Counts per split and class, patients per split, and every overlap (all must be 0)."""
+    used = table[table["split"] != "excluded"]
+    counts = used.groupby(["split", "label"]).size().unstack(fill_value=0)
+    report: dict = {
+        "images": {split: {k: int(v) for k, v in row.items()} for split, row in counts.iterrows()},
+        "patients": used.groupby("split")["patient_id"].nunique().astype(int).to_dict(),
+        "overlap": {},
+        "excluded": table.loc[table["split"] == "excluded", "reason"].value_counts().to_dict(),
+    }
+    for first, second in (("train", "val"), ("train", "test"), ("val", "test")):
+        a, b = used[used["split"] == first], used[used["split"] == second]
+        report["overlap"][f"{first}/{second}"] = {
+            "patients": len(set(a["patient_id"]) & set(b["patient_id"])),
+            "identical_images": len(set(a["sha256"]) & set(b["sha256"])),
+        }
+    return report
+
+
+def count_test_patient_collisions(manifest: pd.DataFrame) -> int:
+    """Patient ids that name images both in the official test set and in train/val."""
+    readable = manifest[manifest["readable"]]
+    is_test = readable["official_split"] == "test"
+    return len(set(readable.loc[is_test, "patient_id"]) & set(readable.loc[~is_test, "patient_id"]))

@@ -1,0 +1,38 @@
+"""Re-split official train+val into train and validation, grouped by patient, stratified."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from cxr.atomic import write_csv, write_json
+from cxr.params import load_params
+from cxr.splitting import count_test_patient_collisions, split_dataset, split_report
+from cxr.stage import run
+
+MANIFEST = Path("data/raw/manifest.csv")
+SPLIT_TABLE = Path("data/splits/split.csv")
+SPLIT_REPORT = Path("data/splits/report.json")
+
+
+def main() -> None:
+    params = load_params()
+    manifest = pd.read_csv(MANIFEST, keep_default_na=False)
+    table = split_dataset(
+        manifest,
+        val_fraction=params.split.val_fraction,
+        seed=params.split.seed,
+        drop_test_patient_overlap=params.split.drop_test_patient_overlap,
+    )
+    report = split_report(table)
+    report["test_patient_id_collisions"] = count_test_patient_collisions(manifest)
+    write_csv(SPLIT_TABLE, table)
+    write_json(SPLIT_REPORT, report)
+    print(pd.DataFrame(report["images"]).T.to_string())
+    print(f"patients: {report['patients']}  excluded: {report['excluded']}")
+    print(f"overlaps: {report['overlap']}")
+
+
+if __name__ == "__main__":
+    run(main)
