@@ -214,7 +214,7 @@ def _add_opacity(
 
     The box is measured on the rendered opacity, so it is exact in the file's pixels.
     """
-    extent = rng.uniform(0.15, 0.35) * 2 * lung.ax  # main blob's diameter at _BOX_LEVEL
+    extent = rng.uniform(0.3, 0.55) * 2 * lung.ax  # main blob's diameter at _BOX_LEVEL
     sigma_x = extent / (2 * _BOX_RADIUS)
     sigma_y = sigma_x * rng.uniform(0.9, 1.4)
     blobs = [_Blob(0.0, 0.0, sigma_x, sigma_y, 1.0)]
@@ -238,7 +238,7 @@ def _add_opacity(
         gy = np.exp(-0.5 * ((ys - cy - blob.dy) / blob.sigma_y) ** 2)
         np.maximum(opacity, blob.weight * np.outer(gy, gx), out=opacity)
     opacity /= opacity.max()
-    image[top:bottom, left:right] += rng.uniform(25, 60) * opacity
+    image[top:bottom, left:right] += rng.uniform(40, 80) * opacity
 
     rows, cols = np.nonzero(opacity >= _BOX_LEVEL)
     x0, x1 = left + int(cols.min()), left + int(cols.max()) + 1

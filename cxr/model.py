@@ -92,7 +92,8 @@ class Classifier:
     def to_tensor(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W) arrays to the normalized (N, 1, H, W) float input."""
         device = next(self.model.parameters()).device
-        return normalize(torch.as_tensor(images).to(device), self.card.mean, self.card.std)
+        pixels = torch.from_numpy(np.array(images, dtype=np.uint8))
+        return normalize(pixels.to(device), self.card.mean, self.card.std)
 
     def load_image(self, path: Path) -> np.ndarray:
         return load_square(path, self.card.image_size, self.card.resize)

@@ -81,3 +81,17 @@ def _git(*args: str) -> str:
     except (OSError, subprocess.CalledProcessError):
         return ""
     return result.stdout.strip()
+
+
+def reopen_training_run(params: Params, run_id: str) -> mlflow.ActiveRun:
+    """The MLflow run that trained the model, so evaluation and explanations join its page.
+
+    A model trained against another store gets a new run that names the missing one.
+    """
+    experiment_id = use_experiment(params)
+    try:
+        mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        print(f"MLflow run {run_id!r} is not in {mlflow.get_tracking_uri()}: logging to a new run")
+        return mlflow.start_run(experiment_id=experiment_id, tags={"training_run_id": run_id})
+    return mlflow.start_run(run_id=run_id)

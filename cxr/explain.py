@@ -1,0 +1,327 @@
+"""Grad-CAM maps for the pneumonia logit, and the numbers that say whether to trust them.
+
+The CAM math, the faithfulness metrics and the heatmap colouring all come from the grad-cam
+package (pytorch_grad_cam); this module only wires them to a 1-channel, 1-logit model and adds
+the checks a heatmap needs before anyone reads meaning into it: localization against lesion
+boxes (pointing game, energy in box), faithfulness (ROAD, confidence change) and a model
+randomization sanity check.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from pytorch_grad_cam import (
+    EigenCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    XGradCAM,
+)
+from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
+from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostRelevantFirst
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+from scipy.stats import spearmanr
+from torch import nn
+
+from cxr.atomic import atomic_path
+
+CAM_METHODS: dict[str, type] = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "hirescam": HiResCAM,
+    "eigencam": EigenCAM,
+    "xgradcam": XGradCAM,
+    "layercam": LayerCAM,
+}
+
+Box = tuple[int, int, int, int]
+
+# Share of pixels kept by each ROAD step; the package removes the rest, so 20..80 spans
+# "remove 80 %" to "remove 20 %" of the most (or least) relevant pixels.
+ROAD_PERCENTILES = (20, 40, 60, 80)
+# ROAD fills removed pixels with noisy linear imputation; a fixed seed makes scores repeatable.
+ROAD_SEED = 0
+# Images per forward pass in faithfulness, to bound memory like compute_cams does.
+METRIC_BATCH = 16
+PANEL_PX = 256
+DPI = 100
+
+
+def _pneumonia_targets(count: int) -> list[BinaryClassifierOutputTarget]:
+    """The package's target for a single-logit model: the logit itself, sign +1 (pneumonia)."""
+    return [BinaryClassifierOutputTarget(1) for _ in range(count)]
+
+
+def resolve_target_layer(model: nn.Module, name: str = "") -> nn.Module:
+    """The layer whose activations the CAM weights; "" means the last feature block.
+
+    timm records each architecture's feature stages in `feature_info`, so the default needs no
+    per-architecture table (densenet121 -> features.norm5, resnets -> layer4).
+    """
+    if not name:
+        feature_info = getattr(model, "feature_info", None)
+        if not feature_info:
+            raise ValueError("model has no timm feature_info: name the gradcam target layer")
+        name = feature_info[-1]["module"]
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        hints = difflib.get_close_matches(name, names, n=5, cutoff=0.3) or names[-5:]
+        raise ValueError(
+            f"gradcam target layer {name!r} is not a module of the model; "
+            f"valid names include {', '.join(hints)}"
+        ) from None
+
+
+def compute_cams(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    method: str,
+    target_layer: nn.Module,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """(N, H, W) float32 maps in [0, 1] of what raises the pneumonia logit.
+
+    The CAM object is a context manager so its hooks leave the model even on error; gradients
+    are switched on because callers often sit inside `torch.no_grad()`.
+    """
+    if method not in CAM_METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; choose from {sorted(CAM_METHODS)}")
+    model.eval()
+    device = next(model.parameters()).device
+    maps = []
+    with (
+        CAM_METHODS[method](model=model, target_layers=[target_layer]) as cam,
+        torch.enable_grad(),
+    ):
+        for start in range(0, len(inputs), batch_size):
+            batch = inputs[start : start + batch_size].to(device)
+            maps.append(cam(input_tensor=batch, targets=_pneumonia_targets(len(batch))))
+    # The package rescales each map to [0, 1]; resizing can overshoot by rounding, and a
+    # degenerate layer can leak NaN, so pin both down for the metrics downstream.
+    return np.clip(np.nan_to_num(np.concatenate(maps), nan=0.0), 0.0, 1.0).astype(np.float32)
+
+
+def _inside(box: Box, shape: tuple[int, ...]) -> tuple[slice, slice]:
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= shape[1] and 0 <= y0 < y1 <= shape[0]):
+        raise ValueError(f"box {box} is empty or outside a {shape[1]}x{shape[0]} map")
+    return slice(y0, y1), slice(x0, x1)
+
+
+def pointing_game_hit(cam: np.ndarray, box: Box) -> bool:
+    """Whether the map's peak falls on the lesion: the localization test of Zhang et al. 2016."""
+    rows, cols = _inside(box, cam.shape)
+    y, x = np.unravel_index(np.argmax(cam), cam.shape)
+    return bool(rows.start <= y < rows.stop and cols.start <= x < cols.stop)
+
+
+def energy_in_box(cam: np.ndarray, box: Box) -> float:
+    """Share of the map's mass on the lesion; unlike the pointing game it sees the whole map."""
+    total = float(cam.sum())
+    if total <= 0:
+        return 0.0
+    return float(cam[_inside(box, cam.shape)].sum()) / total
+
+
+def random_pointing_rate(boxes: list[Box], size: int) -> float:
+    """Hit rate of a uniformly random peak: big boxes are easy to hit, so this is the bar."""
+    if not boxes:
+        raise ValueError("no boxes to compute a pointing-game baseline for")
+    areas = [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes]
+    return float(np.mean(areas)) / (size * size)
+
+
+def faithfulness(model: nn.Module, inputs: torch.Tensor, cams: np.ndarray) -> dict[str, float]:
+    """Whether the maps mark pixels the pneumonia logit actually depends on.
+
+    Scores are means over images (and over ROAD_PERCENTILES for ROAD), in logit units, all
+    oriented so that HIGHER MEANS MORE FAITHFUL:
+
+    - road_morf_logit_drop: how much the logit falls when the most relevant pixels are removed
+      (package ROADMostRelevantFirst, sign flipped). Large = the marked pixels matter.
+    - road_lerf_logit_change: logit change when the least relevant pixels are removed
+      (ROADLeastRelevantFirst). Near 0 or positive = the unmarked pixels do not matter.
+    - road_combined: the mean of the two above, i.e. the package's ROADCombined.
+    - cam_mult_logit_change: logit change when the input is multiplied by the map, keeping only
+      what it marks (CamMultImageConfidenceChange). Near 0 or positive = the map holds the
+      evidence.
+
+    ROAD's noisy linear imputer solves one system per channel, so 1-channel input works as is;
+    where a map removes every pixel (a constant map, or ties at a percentile) it fills the image
+    with 0 (the training mean after normalization) plus its small noise.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    morf = _metric_scores(
+        model, inputs, cams, device, [ROADMostRelevantFirst(p) for p in ROAD_PERCENTILES]
+    )
+    lerf = _metric_scores(
+        model, inputs, cams, device, [ROADLeastRelevantFirst(p) for p in ROAD_PERCENTILES]
+    )
+    mult = _metric_scores(model, inputs, cams, device, [CamMultImageConfidenceChange()])
+    morf_drop, lerf_change = -float(morf.mean()), float(lerf.mean())
+    return {
+        "road_morf_logit_drop": morf_drop,
+        "road_lerf_logit_change": lerf_change,
+        "road_combined": (morf_drop + lerf_change) / 2,
+        "cam_mult_logit_change": float(mult.mean()),
+    }
+
+
+def _metric_scores(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    cams: np.ndarray,
+    device: torch.device,
+    metrics: list[Callable],
+) -> np.ndarray:
+    """(metrics, N) changes of the pneumonia logit after each metric's perturbation."""
+    scores = []
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # The package hands torch masks to numpy, which numpy 2 flags; harmless, and not ours.
+        warnings.filterwarnings("ignore", "__array_wrap__", DeprecationWarning)
+        torch.manual_seed(ROAD_SEED)
+        for metric in metrics:
+            per_image = []
+            for start in range(0, len(inputs), METRIC_BATCH):
+                batch = inputs[start : start + METRIC_BATCH].to(device)
+                maps = cams[start : start + METRIC_BATCH]
+                per_image.append(metric(batch, maps, _pneumonia_targets(len(batch)), model))
+            scores.append(np.concatenate(per_image).reshape(-1))
+    return np.stack(scores)
+
+
+def rank_correlation(cams_a: np.ndarray, cams_b: np.ndarray) -> float:
+    """Mean per-image Spearman correlation of two (N, H, W) map stacks; a constant map -> 0."""
+    if cams_a.shape != cams_b.shape:
+        raise ValueError(f"map stacks differ in shape: {cams_a.shape} vs {cams_b.shape}")
+    values = []
+    for a, b in zip(cams_a, cams_b, strict=True):
+        # spearmanr is undefined (NaN, with a warning) when either map has no ranking at all.
+        if np.ptp(a) == 0 or np.ptp(b) == 0:
+            values.append(0.0)
+            continue
+        rho = spearmanr(a.ravel(), b.ravel()).statistic
+        values.append(0.0 if np.isnan(rho) else float(rho))
+    return float(np.mean(values))
+
+
+def randomization_check(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    method: str,
+    layer_name: str,
+    cams: np.ndarray,
+    seed: int = 0,
+) -> float:
+    """Rank correlation of the maps with those of a randomly re-initialized copy of the model.
+
+    Adebayo et al. 2018: a map that barely changes when the learned weights are destroyed shows
+    image structure (edges, brightness), not what the model learned. Low is good.
+    """
+    device = next(model.parameters()).device
+    randomized = _reinitialized(copy.deepcopy(model).cpu(), seed).to(device)
+    layer = resolve_target_layer(randomized, layer_name)
+    return rank_correlation(cams, compute_cams(randomized, inputs, method, layer))
+
+
+def _reinitialized(model: nn.Module, seed: int) -> nn.Module:
+    """Every parameter and norm statistic redrawn at random, seeded, on a forked RNG.
+
+    Layers go back to their default init, then every kernel and weight matrix is redrawn
+    He-normal: PyTorch's default init shrinks the signal at each layer, and a deep net built
+    from it gives the same output for every image and maps of numerical noise, which would pass
+    the check for the wrong reason. Other parameters without a default init get N(0, 0.02).
+    """
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        reset: set[int] = set()
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+                reset.update(id(p) for p in module.parameters(recurse=False))
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                nn.init.kaiming_normal_(parameter, nonlinearity="relu")
+            elif id(parameter) not in reset:
+                nn.init.normal_(parameter, std=0.02)
+    return model
+
+
+def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """uint8 (H, W) X-ray under a jet heatmap of the map, as uint8 (H, W, 3) RGB."""
+    rgb = np.repeat(image[..., None].astype(np.float32) / 255.0, 3, axis=-1)
+    return show_cam_on_image(rgb, cam, use_rgb=True)
+
+
+def _show(axes: Axes, picture: np.ndarray, title: str = "", box: Box | None = None) -> None:
+    axes.imshow(picture, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    axes.set_axis_off()
+    if title:
+        axes.set_title(title, fontsize=9)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        # Pixel centres sit on integers, so a box's outer edge is half a pixel out.
+        outline = Rectangle(
+            (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5
+        )
+        axes.add_patch(outline)
+
+
+def _save(figure: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=DPI)
+
+
+def save_panel(
+    path: Path, image: np.ndarray, cam: np.ndarray, title: str, box: Box | None = None
+) -> None:
+    """X-ray and overlay side by side at ~256 px each, so even 64 px inputs are readable."""
+    side = PANEL_PX / DPI
+    figure = Figure(figsize=(2 * side, side + 0.45), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    _show(left, image, box=box)
+    _show(right, overlay(image, cam), box=box)
+    figure.suptitle(title, fontsize=10)
+    _save(figure, path)
+
+
+def save_montage(
+    path: Path,
+    images: list[np.ndarray],
+    cams: list[np.ndarray],
+    titles: list[str],
+    columns: int = 4,
+) -> None:
+    """All overlays in one grid, to compare many cases at a glance."""
+    if not images or not len(images) == len(cams) == len(titles):
+        raise ValueError("montage needs equally many images, maps and titles, at least one")
+    columns = min(columns, len(images))
+    rows = math.ceil(len(images) / columns)
+    side = PANEL_PX / DPI
+    figure = Figure(figsize=(columns * side, rows * (side + 0.3)), layout="constrained")
+    grid = np.atleast_1d(figure.subplots(rows, columns)).ravel()
+    for axes, image, cam, title in zip(grid, images, cams, titles, strict=False):
+        _show(axes, overlay(image, cam), title)
+    for axes in grid[len(images) :]:
+        axes.set_axis_off()
+    _save(figure, path)

@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny generated data and throwaway copies of the project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("cxr", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore")
+
+# Small enough that DenseNet121 trains for a couple of epochs in seconds on a CPU.
+TINY_PARAMS = {
+    "image_size": 32,
+    "epochs": 2,
+    "batch_size": 16,
+    "data": {"demo_patients": 40, "demo_min_side": 48, "demo_max_side": 80},
+    "preprocess": {"workers": 1},
+    "train": {"patience": 2, "threads": 2},
+    "evaluate": {"bootstrap": 50},
+    "gradcam": {"per_outcome": 1, "score_images": 8},
+}
+
+
+def set_params(folder: Path, overrides: dict) -> None:
+    """Merge nested overrides into folder/params.yaml."""
+    path = folder / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+
+    def merge(target: dict, changes: dict) -> None:
+        for key, value in changes.items():
+            if isinstance(value, dict):
+                merge(target[key], value)
+            else:
+                target[key] = value
+
+    merge(params, overrides)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def copy_project(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, dest / name)
+    set_params(dest, TINY_PARAMS)
+    return dest
+
+
+def tool_env(tmp: Path) -> dict[str, str]:
+    """Environment for DVC and stage subprocesses: this venv first, MLflow in a temp store."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "test"
+    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@example.com"
+    return env
+
+
+def sh(cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run a command, failing the test with its output if it fails."""
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout + result.stderr
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the project with tiny params, as the working directory."""
+    folder = copy_project(tmp_path / "project")
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prepared_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny project whose download, split and preprocess stages have run (read-only use)."""
+    folder = copy_project(tmp_path_factory.mktemp("prepared") / "project")
+    for stage in ("download", "split", "preprocess"):
+        sh(folder, sys.executable, "-m", f"stages.{stage}")
+    return folder

@@ -1,0 +1,103 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr.images import ImageDecodeError, image_size, load_square, square_geometry
+
+
+def _gradient(width: int, height: int) -> np.ndarray:
+    """A smooth image with distinct corners, so orientation and placement are checkable."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    return (40 + 150 * xs / width + 60 * ys / height).astype(np.uint8)
+
+
+def _reference(path: Path, size: int) -> np.ndarray:
+    """The straightforward way: full decode, convert to L, stretch to the square."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("L").resize((size, size), Image.Resampling.BILINEAR))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA", "1"])
+def test_every_8bit_mode_becomes_the_same_grayscale(tmp_path: Path, mode: str):
+    gray = _gradient(90, 60)
+    path = tmp_path / f"x_{mode}.png"
+    Image.fromarray(gray, "L").convert(mode).save(path)
+    out = load_square(path, 30, "stretch")
+    assert out.shape == (30, 30)
+    assert out.dtype == np.uint8
+    tolerance = 130 if mode == "1" else 8  # 1-bit keeps only black and white
+    assert np.abs(out.astype(int) - _reference(path, 30).astype(int)).mean() < tolerance
+
+
+def test_16bit_png_is_stretched_to_8bit(tmp_path: Path):
+    deep = (_gradient(64, 64).astype(np.uint16) * 16).astype(np.uint16)  # 12-bit range
+    path = tmp_path / "deep.png"
+    Image.fromarray(deep).save(path)
+    out = load_square(path, 64, "stretch")
+    assert out.min() == 0
+    assert out.max() == 255
+    assert np.corrcoef(out.ravel(), deep.ravel())[0, 1] > 0.99
+
+
+def test_draft_decoding_matches_a_full_pil_decode(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(1200, 1000), (900, 1400), (2000, 1600)]):
+        pixels = _gradient(w, h) + rng.integers(0, 10, (h, w), dtype=np.uint8)
+        path = tmp_path / f"big{i}.jpeg"
+        Image.fromarray(pixels, "L").convert("RGB").save(path, quality=90)
+        ours = load_square(path, 128, "stretch").astype(int)
+        assert np.abs(ours - _reference(path, 128).astype(int)).mean() < 2.0
+
+
+def test_exif_orientation_is_applied(tmp_path: Path):
+    pixels = _gradient(80, 40)
+    path = tmp_path / "rotated.jpeg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: display rotated 90 degrees clockwise
+    Image.fromarray(pixels, "L").save(path, exif=exif, quality=95)
+    assert image_size(path) == (40, 80)
+    out = load_square(path, 80, "pad").astype(int)
+    upright = np.rot90(pixels, k=-1)
+    expected = np.zeros((80, 80), int)
+    expected[:, 20:60] = upright
+    assert np.abs(out[:, 22:58] - expected[:, 22:58]).mean() < 4
+
+
+def test_pad_crop_and_stretch_geometry(tmp_path: Path):
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.full((50, 100), 200, np.uint8), "L").save(path)
+    padded = load_square(path, 40, "pad")
+    assert padded[:10].max() == 0 and padded[30:].max() == 0  # black bars above and below
+    assert (padded[10:30] == 200).all()
+    assert (load_square(path, 40, "crop") == 200).all()
+    assert (load_square(path, 40, "stretch") == 200).all()
+
+    pad = square_geometry(100, 50, 40, "pad")
+    assert pad.map_box(0, 0, 100, 50) == (0, 10, 40, 30)
+    crop = square_geometry(100, 50, 40, "crop")
+    assert crop.map_box(25, 0, 75, 50) == (0, 0, 40, 40)
+    assert square_geometry(100, 50, 40, "stretch").map_box(50, 25, 100, 50) == (20, 20, 40, 40)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "not a readable image"),
+        (b"this is not an image", "not a readable image"),
+    ],
+)
+def test_unreadable_files_raise_naming_the_file(tmp_path: Path, content: bytes, reason: str):
+    path = tmp_path / "bad.jpeg"
+    path.write_bytes(content)
+    with pytest.raises(ImageDecodeError, match=f"bad.jpeg: {reason}"):
+        load_square(path, 32, "pad")
+
+
+def test_truncated_jpeg_raises_naming_the_file(tmp_path: Path):
+    path = tmp_path / "cut.jpeg"
+    Image.fromarray(_gradient(200, 200), "L").save(path, quality=90)
+    path.write_bytes(path.read_bytes()[:600])
+    with pytest.raises(ImageDecodeError, match="cut.jpeg"):
+        load_square(path, 32, "pad")

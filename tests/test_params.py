@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cxr.params import ParamsError, as_flat_dict, load_params
+from tests.conftest import REPO, set_params
+
+
+@pytest.fixture
+def params_file(tmp_path: Path) -> Path:
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    return tmp_path
+
+
+def test_repository_params_load_with_their_types():
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params.lr, float)
+    assert isinstance(params.epochs, int)
+    assert isinstance(params.train.augment.hflip, bool)
+    assert as_flat_dict(params)["train.augment.rotation_deg"] == params.train.augment.rotation_deg
+
+
+@pytest.mark.parametrize("spelling", ["1e-5", "1e-05", "1.0e-5", "0.00001"])
+def test_exponent_spellings_reach_the_code_as_floats(params_file: Path, spelling: str):
+    # `dvc exp run -S lr=1e-5` writes YAML 1.2 floats that PyYAML reads as strings.
+    text = (params_file / "params.yaml").read_text()
+    (params_file / "params.yaml").write_text(text.replace("lr: 0.001", f"lr: {spelling}", 1))
+    assert yaml.safe_load((params_file / "params.yaml").read_text())["lr"] in (spelling, 1e-5)
+    lr = load_params(params_file / "params.yaml").lr
+    assert isinstance(lr, float)
+    assert lr == pytest.approx(1e-5)
+
+
+def test_integral_float_is_accepted_for_int_and_bool_strings(params_file: Path):
+    set_params(params_file, {"epochs": 3.0, "train": {"resume": "false"}})
+    params = load_params(params_file / "params.yaml")
+    assert params.epochs == 3
+    assert isinstance(params.epochs, int)
+    assert params.train.resume is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"epochs": 2.5}, "epochs: expected int"),
+        ({"lr": "fast"}, "lr: expected float"),
+        ({"lr": 0}, "lr: 0.0 is out of range"),
+        ({"split": {"val_fraction": 0.9}}, "split.val_fraction: 0.9 is out of range"),
+        ({"train": {"augment": {"hflip": "maybe"}}}, "train.augment.hflip: expected bool"),
+        ({"data": {"source": "s3"}}, "data.source: 's3' is not one of demo, kaggle, url, local"),
+        ({"train": {"freeze_epochs": 50}}, "train.freeze_epochs must not exceed epochs"),
+        ({"data": {"source": "url"}}, "data.source=url needs data.url and data.url_sha256"),
+    ],
+)
+def test_invalid_values_name_the_key(params_file: Path, overrides: dict, message: str):
+    set_params(params_file, overrides)
+    with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_params(params_file / "params.yaml")
+
+
+def test_unknown_and_missing_keys_are_named(params_file: Path):
+    path = params_file / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["train"]["learning_rate"] = 0.1
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"unknown key\(s\) in params.yaml: train.learning_rate"):
+        load_params(path)
+    del raw["train"]["learning_rate"], raw["model"]["arch"]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"missing key\(s\) in params.yaml: model.arch"):
+        load_params(path)
