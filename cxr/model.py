@@ -7,6 +7,8 @@ normalization, class names), so a model loads and predicts without params.yaml.
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,13 +42,49 @@ def create_model(arch: str, pretrained: str, drop_rate: float = 0.0) -> nn.Modul
     weights = Path(pretrained)
     if not weights.is_file():
         raise FileNotFoundError(f"model.pretrained: weights file {weights} not found")
+    # timm loads adapted weights non-strictly and only logs what did not fit; treat that as an
+    # error, except for the classifier head, which is replaced by design.
+    report, timm_logger = _KeyReport(), logging.getLogger("timm.models._builder")
+    level = timm_logger.level
+    timm_logger.setLevel(logging.INFO)  # missing keys are reported at INFO level
+    timm_logger.addHandler(report)
     try:
-        return timm.create_model(
+        model = timm.create_model(
             arch, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **options
         )
     except (RuntimeError, KeyError, ValueError, OSError) as err:
         first_line = str(err).strip().splitlines()[0]
         raise ValueError(f"model.pretrained: {weights} does not fit {arch}: {first_line}") from None
+    finally:
+        timm_logger.removeHandler(report)
+        timm_logger.setLevel(level)
+    head = {f"{name}.{p}" for name in _classifier_names(model) for p in ("weight", "bias")}
+    misfits = sorted(set(report.keys) - head)
+    if misfits:
+        listed = ", ".join(misfits[:3]) + (", ..." if len(misfits) > 3 else "")
+        raise ValueError(
+            f"model.pretrained: {weights} does not fit {arch}: {len(misfits)} weights missing or "
+            f"unexpected ({listed})"
+        )
+    return model
+
+
+class _KeyReport(logging.Handler):
+    """Collects the state-dict keys timm reports as missing or unexpected while loading."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.keys: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = re.match(r"(?:Missing|Unexpected) keys \((.*?)\)", record.getMessage())
+        if match:
+            self.keys += match.group(1).split(", ")
+
+
+def _classifier_names(model: nn.Module) -> tuple[str, ...]:
+    names = model.pretrained_cfg.get("classifier") or ()
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,137 @@
+"""Grad-CAM heatmaps for test images, and scores that say whether they can be trusted.
+
+Renders true/false positives/negatives as PNGs plus a montage. Scores localization against the
+demo generator's lesion boxes (pointing game, energy in box), faithfulness with the grad-cam
+package's ROAD metrics, and a weight-randomization sanity check, into metrics/gradcam.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from cxr import tracking
+from cxr.atomic import atomic_path, write_json
+from cxr.explain import (
+    compute_cams,
+    energy_in_box,
+    faithfulness,
+    pointing_game_hit,
+    random_pointing_rate,
+    randomization_check,
+    resolve_target_layer,
+    save_montage,
+    save_panel,
+)
+from cxr.images import square_geometry
+from cxr.model import Classifier
+from cxr.params import load_params
+from cxr.processed import ProcessedSplit, load_split
+from cxr.stage import run
+from cxr.training import pick_device
+
+MODEL_FILE = Path("models/model.pt")
+PREDICTIONS = Path("data/predictions.csv")
+LESIONS = Path("data/raw/lesions.csv")
+PLOTS_DIR = Path("plots/gradcam")
+METRICS_FILE = Path("metrics/gradcam.json")
+OUTCOMES = ("TP", "FN", "FP", "TN")
+RANDOMIZATION_SEEDS = (0, 1, 2)
+
+
+def outcome_of(label: str, predicted: str) -> str:
+    correct = "T" if label == predicted else "F"
+    return correct + ("P" if predicted == "PNEUMONIA" else "N")
+
+
+def select_cases(predictions: pd.DataFrame, per_outcome: int) -> pd.DataFrame:
+    """The most confident cases of each outcome: the clearest successes and worst mistakes."""
+    table = predictions.assign(
+        outcome=[outcome_of(a, b) for a, b in zip(predictions["label"], predictions["predicted"])],
+        confidence=(predictions["probability"] - 0.5).abs(),
+    )
+    table = table.sort_values(["confidence", "path"], ascending=[False, True])
+    chosen = [table[table["outcome"] == outcome].head(per_outcome) for outcome in OUTCOMES]
+    return pd.concat(chosen)
+
+
+def lesion_boxes(test: ProcessedSplit, size: int, resize: str) -> dict[int, tuple]:
+    """Known lesion boxes (demo data), mapped into the square image; row -> box."""
+    lesions = pd.read_csv(LESIONS).set_index("path")
+    boxes = {}
+    for row in test.index.itertuples():
+        if row.path in lesions.index:
+            lesion = lesions.loc[row.path]
+            geometry = square_geometry(row.width, row.height, size, resize)
+            boxes[row.row] = geometry.map_box(lesion.x0, lesion.y0, lesion.x1, lesion.y1)
+    return boxes
+
+
+def localization_scores(cams: np.ndarray, boxes: list[tuple], size: int) -> dict[str, float]:
+    """Each score next to what a random heatmap would get, the bar it has to clear."""
+    tolerance = round(15 * size / 224)  # Zhang et al.'s 15 px at 224 px, scaled
+    hits = [pointing_game_hit(cam, box, tolerance) for cam, box in zip(cams, boxes, strict=True)]
+    energy = [energy_in_box(cam, box) for cam, box in zip(cams, boxes, strict=True)]
+    return {
+        "pointing_game": round(float(np.mean(hits)), 4),
+        "pointing_game_random": round(random_pointing_rate(boxes, size, tolerance), 4),
+        "energy_in_box": round(float(np.mean(energy)), 4),
+        "energy_in_box_random": round(random_pointing_rate(boxes, size), 4),
+        "lesions_scored": len(boxes),
+    }
+
+
+def main() -> None:
+    params = load_params()
+    settings = params.gradcam
+    classifier = Classifier.load(MODEL_FILE, device=str(pick_device(params.train.device)))
+    model, size = classifier.model, classifier.card.image_size
+    layer = resolve_target_layer(model, settings.target_layer)
+    layer_name = next(name for name, module in model.named_modules() if module is layer)
+    test = load_split("test")
+    predictions = pd.read_csv(PREDICTIONS).query("split == 'test'").reset_index(drop=True)
+    boxes = lesion_boxes(test, size, classifier.card.resize)
+
+    cases = select_cases(predictions, settings.per_outcome)
+    rows = cases.index.to_numpy()
+    images = np.asarray(test.images[rows])
+    cams = compute_cams(model, classifier.to_tensor(images), settings.method, layer)
+    titles = [
+        f"{c.outcome}  {c.label}  p={c.probability:.2f}" for c in cases.itertuples()
+    ]
+    with atomic_path(PLOTS_DIR) as tmp:
+        tmp.mkdir()
+        for i, case in enumerate(cases.itertuples()):
+            name = f"{case.outcome}_{i:02d}_{Path(case.path).stem}.png"
+            save_panel(tmp / name, images[i], cams[i], titles[i], boxes.get(rows[i]))
+        save_montage(tmp / "montage.png", list(images), list(cams), titles)
+
+    scored = np.arange(min(settings.score_images, len(test.labels)))
+    inputs = classifier.to_tensor(np.asarray(test.images[scored]))
+    scored_cams = compute_cams(model, inputs, settings.method, layer)
+    report: dict = {"method": settings.method, "target_layer": layer_name}
+    lesion_rows = [r for r in scored if r in boxes]
+    if lesion_rows:
+        positions = [int(np.flatnonzero(scored == r)[0]) for r in lesion_rows]
+        report |= localization_scores(scored_cams[positions], [boxes[r] for r in lesion_rows], size)
+    report |= {k: round(v, 4) for k, v in faithfulness(model, inputs, scored_cams).items()}
+    similarity = [
+        randomization_check(model, inputs, settings.method, layer_name, scored_cams, seed)
+        for seed in RANDOMIZATION_SEEDS
+    ]
+    report["randomization_rank_correlation"] = round(float(np.mean(similarity)), 4)
+    report["images_scored"] = len(scored)
+    write_json(METRICS_FILE, report)
+
+    with tracking.reopen_training_run(params, classifier.card.mlflow_run_id):
+        numbers = {k: v for k, v in report.items() if isinstance(v, (int, float))}
+        mlflow.log_metrics({f"gradcam_{k}": v for k, v in numbers.items()})
+        mlflow.log_artifacts(str(PLOTS_DIR), artifact_path="gradcam")
+    print(f"{settings.method} at {layer_name}: {report}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,155 @@
+"""The train, evaluate and gradcam stages on tiny demo data, and the CLI on their model."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxr.explain import compute_cams, resolve_target_layer
+from cxr.model import Classifier
+from cxr.predict import main as predict
+from cxr.processed import load_split
+from stages import train
+from tests.conftest import sh, tool_env
+
+
+@pytest.fixture(scope="module")
+def trained(prepared_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the prepared project after train, evaluate and gradcam."""
+    tmp = tmp_path_factory.mktemp("trained")
+    folder = tmp / "project"
+    shutil.copytree(prepared_project, folder)
+    env = tool_env(tmp)
+    for stage in ("train", "evaluate", "gradcam"):
+        sh(folder, sys.executable, "-m", f"stages.{stage}", env=env)
+    return folder
+
+
+def _run(trained: Path):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{trained.parent / 'mlflow.db'}")
+    (experiment,) = client.search_experiments(filter_string="name = 'chest-xray-pneumonia'")
+    (run,) = client.search_runs([experiment.experiment_id])
+    return client, run
+
+
+def test_train_writes_model_metrics_and_history(trained: Path):
+    summary = json.loads((trained / "metrics/train.json").read_text())
+    history = pd.read_csv(trained / "plots/train/history.csv")
+    assert summary["epochs_run"] == len(history) == 2
+    assert summary["best_val_auc"] == pytest.approx(history["val_auc"].max(), abs=1e-5)
+    assert (trained / "plots/train/history.png").stat().st_size > 0
+    assert not (trained / "checkpoints/train.pt").exists()
+    card = Classifier.load(trained / "models/model.pt").card
+    assert (card.arch, card.image_size, card.resize) == ("densenet121", 32, "pad")
+
+
+def test_one_mlflow_run_holds_training_evaluation_and_gradcam(trained: Path):
+    client, run = _run(trained)
+    assert run.data.params["lr"] == "0.001"
+    assert run.data.params["train.augment.hflip"] == "True"
+    assert len(client.get_metric_history(run.info.run_id, "val_auc")) == 2
+    for key in ("best_val_auc", "test_roc_auc", "threshold", "gradcam_pointing_game"):
+        assert key in run.data.metrics
+    assert run.info.run_id == Classifier.load(trained / "models/model.pt").card.mlflow_run_id
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"plots", "evaluation", "gradcam"} <= artifacts
+    (logged,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert logged.source_run_id == run.info.run_id
+    assert logged.name == "model"
+
+
+def test_evaluate_outputs(trained: Path):
+    report = json.loads((trained / "metrics/evaluate.json").read_text())
+    threshold = json.loads((trained / "models/threshold.json").read_text())
+    assert report["threshold"] == pytest.approx(threshold["threshold"], abs=1e-6)
+    assert threshold["chosen_on"] == "validation"
+    for split in ("val", "test"):
+        assert 0 <= report[split]["roc_auc"] <= 1
+        assert report[split]["roc_auc_ci_low"] <= report[split]["roc_auc_ci_high"]
+        for kind in ("roc", "pr", "calibration", "confusion"):
+            assert (trained / f"plots/evaluate/{split}_{kind}.csv").is_file()
+            assert (trained / f"plots/evaluate/figures/{split}_{kind}.png").is_file()
+    predictions = pd.read_csv(trained / "data/predictions.csv")
+    test = predictions[predictions["split"] == "test"]
+    assert len(test) == report["test"]["n"]
+    positive = test["probability"] >= threshold["threshold"]
+    assert (test["predicted"] == np.where(positive, "PNEUMONIA", "NORMAL")).all()
+
+
+def test_gradcam_outputs_and_maps(trained: Path):
+    report = json.loads((trained / "metrics/gradcam.json").read_text())
+    assert report["target_layer"] == "features.denseblock3"
+    assert 0 <= report["pointing_game"] <= 1
+    assert 0 < report["pointing_game_random"] < 1
+    pictures = sorted(p.name for p in (trained / "plots/gradcam").glob("*.png"))
+    assert "montage.png" in pictures
+    assert any(name.startswith(("TP_", "FN_")) for name in pictures)
+
+    classifier = Classifier.load(trained / "models/model.pt")
+    images = np.asarray(load_split("test", trained / "data/processed").images[:4])
+    layer = resolve_target_layer(classifier.model, "features.denseblock3")
+    cams = compute_cams(classifier.model, classifier.to_tensor(images), "gradcam", layer)
+    assert cams.shape == images.shape
+    assert cams.min() >= 0 and cams.max() <= 1
+
+
+def test_cli_explains_files_and_folders_and_reports_bad_ones(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for label in ("NORMAL", "PNEUMONIA"):
+        source = sorted((trained / "data/raw/test" / label).iterdir())[0]
+        shutil.copy(source, inbox / source.name)
+    (inbox / "corrupt.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    model = str(trained / "models/model.pt")
+    single = next(inbox.glob("person*"))
+    assert predict([str(single), "--model", model]) == 0
+    out = capsys.readouterr().out
+    assert f"{single}  p(pneumonia)=" in out
+    assert (inbox / f"{single.stem}_gradcam.png").is_file()
+
+    assert predict([str(inbox), "--model", model, "--out", str(tmp_path / "cams")]) == 1
+    captured = capsys.readouterr()
+    assert f"error: {inbox / 'corrupt.jpeg'}: " in captured.err
+    assert captured.out.count("p(pneumonia)=") == 2
+    assert len(list((tmp_path / "cams").glob("*_gradcam.png"))) == 2
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(
+    prepared_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    folder = tmp_path / "project"
+    shutil.copytree(prepared_project, folder)
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    original = train.Trainer.validate
+    calls = []
+
+    def validate_then_crash(self, data):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, data)
+
+    monkeypatch.setattr(train.Trainer, "validate", validate_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main()
+    saved = torch.load("checkpoints/train.pt", weights_only=False)
+    assert saved["state"].epoch == 1
+    assert not Path("models/model.pt").exists()
+
+    monkeypatch.setattr(train.Trainer, "validate", original)
+    train.main()
+    assert "resuming after epoch 1" in capsys.readouterr().out
+    history = pd.read_csv("plots/train/history.csv")
+    assert history["epoch"].tolist() == [1, 2]
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs(client.search_experiments()[0].experiment_id)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")] == [1, 2]
