@@ -160,7 +160,12 @@ def random_pointing_rate(boxes: list[Box], size: int, tolerance: int = 0) -> flo
 def _grown(box: Box, margin: int, shape: tuple[int, ...]) -> Box:
     x0, y0, x1, y1 = box
     height, width = shape[:2]
-    return max(0, x0 - margin), max(0, y0 - margin), min(width, x1 + margin), min(height, y1 + margin)
+    return (
+        max(0, x0 - margin),
+        max(0, y0 - margin),
+        min(width, x1 + margin),
+        min(height, y1 + margin),
+    )
 
 
 def faithfulness(model: nn.Module, inputs: torch.Tensor, cams: np.ndarray) -> dict[str, float]:

@@ -19,7 +19,6 @@ from cxr.explain import CAM_METHODS, compute_cams, resolve_target_layer, save_pa
 from cxr.images import ImageDecodeError
 from cxr.model import Classifier
 
-
 OVERLAY_SUFFIX = "_gradcam.png"
 
 

@@ -50,7 +50,10 @@ def outcome_of(label: str, predicted: str) -> str:
 def select_cases(predictions: pd.DataFrame, per_outcome: int) -> pd.DataFrame:
     """The most confident cases of each outcome: the clearest successes and worst mistakes."""
     table = predictions.assign(
-        outcome=[outcome_of(a, b) for a, b in zip(predictions["label"], predictions["predicted"])],
+        outcome=[
+            outcome_of(a, b)
+            for a, b in zip(predictions["label"], predictions["predicted"], strict=True)
+        ],
         confidence=(predictions["probability"] - 0.5).abs(),
     )
     table = table.sort_values(["confidence", "path"], ascending=[False, True])
@@ -99,9 +102,7 @@ def main() -> None:
     rows = cases.index.to_numpy()
     images = np.asarray(test.images[rows])
     cams = compute_cams(model, classifier.to_tensor(images), settings.method, layer)
-    titles = [
-        f"{c.outcome}  {c.label}  p={c.probability:.2f}" for c in cases.itertuples()
-    ]
+    titles = [f"{c.outcome}  {c.label}  p={c.probability:.2f}" for c in cases.itertuples()]
     with atomic_path(PLOTS_DIR) as tmp:
         tmp.mkdir()
         for i, case in enumerate(cases.itertuples()):

@@ -62,8 +62,10 @@ def main() -> None:
     for row in rejected.itertuples():
         print(f"rejected: {row.error}")
     counts = index.groupby(["split", "label"]).size().unstack(fill_value=0)
-    print(f"{PROCESSED_DIR}: {len(index)} images in {seconds:.1f} s "
-          f"({len(table) / seconds:.0f} img/s), {len(rejected)} rejected\n{counts.to_string()}")
+    print(
+        f"{PROCESSED_DIR}: {len(index)} images in {seconds:.1f} s "
+        f"({len(table) / seconds:.0f} img/s), {len(rejected)} rejected\n{counts.to_string()}"
+    )
 
 
 if __name__ == "__main__":

@@ -43,9 +43,7 @@ _RUN_ONLY_KEYS = (
 
 def fingerprint(params: Params) -> str:
     """Identifies the training inputs, so a checkpoint is resumed only by the run it came from."""
-    relevant = {
-        k: v for k, v in as_flat_dict(params).items() if not k.startswith(_RUN_ONLY_KEYS)
-    }
+    relevant = {k: v for k, v in as_flat_dict(params).items() if not k.startswith(_RUN_ONLY_KEYS)}
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode())
     for name in ("index.csv", "stats.json"):
         digest.update((PROCESSED_DIR / name).read_bytes())

@@ -96,7 +96,7 @@ def test_missing_class_folder_fails_before_writing(project: Path, tmp_path: Path
 
 def test_unknown_source_fails_before_any_work(project: Path):
     set_params(project, {"data": {"source": "ftp"}})
-    with pytest.raises(ParamsError, match="data.source: 'ftp' is not one of"):
+    with pytest.raises(ParamsError, match=r"data\.source: 'ftp' is not one of"):
         download.main()
     assert not Path("data").exists()
 

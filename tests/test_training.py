@@ -74,7 +74,7 @@ def test_augmentation_keeps_shape_and_range_and_can_be_switched_off():
     generator = torch.Generator().manual_seed(0)
     out = augment(x, AugmentParams(10.0, 0.1, 0.05, True, 0.1, 0.1), generator)
     assert out.shape == x.shape
-    assert 0 <= out.min() and out.max() <= 1
+    assert out.min() >= 0 and out.max() <= 1
     assert not torch.allclose(out, x)
     identity = augment(x, AugmentParams(0.0, 0.0, 0.0, False, 0.0, 0.0), generator)
     assert torch.allclose(identity, x, atol=1e-5)
@@ -115,11 +115,11 @@ def test_local_weights_load_through_timm_pretrained_path(tmp_path: Path, suffix:
 
 
 def test_missing_or_incompatible_weights_name_the_file(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="model.pretrained: weights file .*nowhere.pth"):
+    with pytest.raises(FileNotFoundError, match=r"model\.pretrained: weights file .*nowhere\.pth"):
         create_model("resnet10t", str(tmp_path / "nowhere.pth"))
     other = tmp_path / "densenet.pth"
     torch.save(timm.create_model("densenet121", pretrained=False).state_dict(), other)
-    with pytest.raises(ValueError, match="densenet.pth does not fit resnet10t"):
+    with pytest.raises(ValueError, match=r"densenet\.pth does not fit resnet10t"):
         create_model("resnet10t", str(other))
     partial = tmp_path / "partial.pth"
     state = timm.create_model("resnet10t", pretrained=False).state_dict()
@@ -140,7 +140,9 @@ def test_fit_stops_early_and_keeps_the_best_epoch(params: Params):
     aucs = iter([0.6, 0.9, 0.8, 0.95, 0.7, 0.7])
     trainer.validate = lambda data: (0.5, next(aucs))
     records = []
-    state = trainer.fit(_squares(32, 5), _squares(16, 6), TrainState(), lambda r, s: records.append(r))
+    state = trainer.fit(
+        _squares(32, 5), _squares(16, 6), TrainState(), lambda r, s: records.append(r)
+    )
     assert [r.epoch for r in records] == [1, 2, 3]
     assert (state.best_epoch, state.best_auc) == (2, 0.9)
     assert state.best_state is not None
