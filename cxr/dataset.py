@@ -42,17 +42,6 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_layout(root: Path) -> None:
-    """Fail before any output is written if a class folder is missing or a split is empty."""
-    for split in ("train", "test"):
-        for label in CLASSES:
-            folder = root / split / label
-            if not folder.is_dir():
-                raise FileNotFoundError(f"missing class folder {folder}")
-            if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
-                raise ValueError(f"no images in {folder}")
-
-
 def build_manifest(root: Path) -> pd.DataFrame:
     """One row per file in the layout; unreadable files are kept and flagged, not dropped."""
     rows = []

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-CLASSES = ("NORMAL", "PNEUMONIA")
+from cxr.dataset import CLASSES
+
 MIN_PATIENTS = 8  # two val patients per class plus one train and one test patient per class
 
 _PLAN_STREAM = 0  # RNG stream keys, so the plan and each image draw independent numbers

@@ -8,7 +8,6 @@ duplicate copies). Sources are only ever read: a local copy or the kagglehub cac
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -26,10 +25,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cxr.dataset import CLASSES, IMAGE_SUFFIXES, sha256_of
+
 SPLITS = ("train", "val", "test")
 REQUIRED_SPLITS = ("train", "test")  # the Mendeley release ships no val/
-CLASSES = ("NORMAL", "PNEUMONIA")
-IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
 SKIPPED_FOLDERS = frozenset({"__MACOSX"})
 MAX_SEARCH_DEPTH = 4  # Kaggle nests chest_xray/chest_xray/; Mendeley nests CellData/chest_xray/
 CHUNK_BYTES = 1 << 20
@@ -67,17 +66,19 @@ def find_kaggle_root(folder: Path) -> Path:
 
 
 def copy_layout(root: Path, dest: Path) -> int:
-    """Copy only the layout's images, so junk and nested duplicates never reach the manifest.
+    """Copy the class folders' files, so nested duplicates never reach the manifest.
 
-    Contents only (no permission bits), so a read-only cache does not make `dest` read-only.
+    Hidden files (`.DS_Store`, `._*`) are packaging; any other file is copied, so that a stray
+    non-image is reported by the manifest rather than skipped unseen. Contents only (no
+    permission bits), so a read-only cache does not make `dest` read-only.
     """
     count = 0
     for split in SPLITS:
         for label in CLASSES:
             target = dest / split / label
             target.mkdir(parents=True, exist_ok=True)
-            for image in _images_in(root / split / label):
-                shutil.copyfile(image, target / image.name)
+            for file in _files_in(root / split / label):
+                shutil.copyfile(file, target / file.name)
                 count += 1
     return count
 
@@ -125,7 +126,7 @@ def fetch_url(url: str, sha256: str, dest: Path, cache_dir: Path) -> int:
     expected = _normalise_sha256(sha256)
     cache_dir.mkdir(parents=True, exist_ok=True)
     archive = cache_dir / f"{expected[:12]}-{_url_file_name(url)}"
-    if not (archive.is_file() and _sha256_of(archive) == expected):
+    if not (archive.is_file() and sha256_of(archive) == expected):
         _download(url, archive)
         _verify(archive, expected, url)
     return _unpack_layout(archive, dest, cache_dir)
@@ -176,17 +177,17 @@ def _describe_entries(folder: Path, limit: int = 20) -> str:
     return shown + (f", ... ({len(names)} entries)" if len(names) > limit else "")
 
 
-def _images_in(folder: Path) -> Iterator[Path]:
-    """Image files only: `._*` AppleDouble files share the suffix but are metadata."""
+def _files_in(folder: Path) -> Iterator[Path]:
+    """Regular, non-hidden files: `._*` AppleDouble files share an image suffix but are metadata."""
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        if (
-            entry.suffix.lower() in IMAGE_SUFFIXES
-            and not entry.name.startswith(".")
-            and entry.is_file()
-        ):
+        if not entry.name.startswith(".") and entry.is_file():
             yield entry
+
+
+def _images_in(folder: Path) -> Iterator[Path]:
+    return (f for f in _files_in(folder) if f.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _normalise_sha256(sha256: str) -> str:
@@ -202,14 +203,6 @@ def _normalise_sha256(sha256: str) -> str:
 def _url_file_name(url: str) -> str:
     name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
     return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "archive"
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _download(url: str, archive: Path) -> None:
@@ -265,7 +258,7 @@ def _open(url: str, offset: int) -> Any:
 
 
 def _verify(archive: Path, expected: str, url: str) -> None:
-    actual = _sha256_of(archive)
+    actual = sha256_of(archive)
     if actual != expected:
         archive.unlink()
         raise SourceError(

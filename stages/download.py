@@ -12,7 +12,7 @@ import pandas as pd
 
 from cxr import sources
 from cxr.atomic import atomic_path
-from cxr.dataset import build_manifest, check_layout
+from cxr.dataset import build_manifest
 from cxr.demo import generate_demo_dataset
 from cxr.params import DataParams, load_params
 from cxr.stage import StageError, run
@@ -49,7 +49,6 @@ def main() -> None:
     with atomic_path(RAW_DIR) as tmp:
         tmp.mkdir()
         lesions = fetch(params.data, tmp)
-        check_layout(tmp)
         manifest = build_manifest(tmp)
         manifest.to_csv(tmp / "manifest.csv", index=False)
         lesions.to_csv(tmp / "lesions.csv", index=False)

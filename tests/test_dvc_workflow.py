@@ -54,7 +54,7 @@ def test_metrics_show_parses_every_metrics_file(repo):
 def test_exp_run_with_set_param_reaches_the_optimizer_as_a_float(repo):
     out = dvc(repo, "exp", "run", "-S", "lr=1e-5", "--name", "small-lr")
     assert "AdamW lr=1e-05" in out  # the optimizer's value, printed with repr: a float
-    folder, env = repo
+    _, env = repo
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
@@ -76,8 +76,17 @@ def test_exp_show_and_metrics_diff_show_the_change(repo):
     diff = json.loads(dvc(repo, "metrics", "diff", "--json"))
     assert diff["metrics/train.json"]["best_val_auc"]["old"] is not None
     assert "metrics/evaluate.json" in diff
-    table = dvc(repo, "metrics", "diff", "--md")
+    table = dvc(repo, "metrics", "diff", "main", "--md")  # what the pull-request job posts
     assert "| metrics/train.json" in table
+
+
+def test_the_winning_experiment_can_be_kept(repo):
+    folder, env = repo
+    dvc(repo, "exp", "branch", "small-lr", "try-small-lr")
+    params = sh(folder, "git", "show", "try-small-lr:params.yaml", env=env)
+    assert "lr: 1e-05" in params
+    dvc(repo, "exp", "apply", "small-lr")
+    assert "lr: 1e-05" in (folder / "params.yaml").read_text()
 
 
 def test_plots_show_and_diff_render_every_curve(repo):

@@ -34,7 +34,7 @@ def write_bytes(path: Path, data: bytes | None = None) -> None:
 
 
 def make_layout(root: Path, splits: tuple[str, ...] = SPLITS) -> set[str]:
-    """A Kaggle-layout tree with macOS and editor junk; returns the image paths to expect."""
+    """A Kaggle-layout tree with macOS junk and a stray file; returns the paths to expect."""
     images = set()
     for split in splits:
         for label in CLASSES:
@@ -44,7 +44,8 @@ def make_layout(root: Path, splits: tuple[str, ...] = SPLITS) -> set[str]:
                 images.add(f"{split}/{label}/{name}")
             write_bytes(folder / ".DS_Store")
             write_bytes(folder / "._a.jpeg")
-            write_bytes(folder / "notes.txt")
+            write_bytes(folder / "notes.txt")  # copied, so the manifest can report it
+            images.add(f"{split}/{label}/notes.txt")
     write_bytes(root / ".DS_Store")
     return images
 
