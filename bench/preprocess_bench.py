@@ -47,6 +47,10 @@ from cxr.images import image_size  # noqa: E402
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and each option's default."""
+
+
 def demo_patients(images: int) -> int:
     """Patients for about `images` demo images: 4 one-image val patients, others 2.5 on average.
 
@@ -86,10 +90,7 @@ def ours(root: Path, paths: list[str], size: int, workers: int) -> list[np.ndarr
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--data",
@@ -105,7 +106,7 @@ def main() -> None:
     )
     parser.add_argument("--images", type=int, default=60, help="about how many to generate")
     parser.add_argument("--min-side", type=int, default=1000, help="generated image sides, px")
-    parser.add_argument("--max-side", type=int, default=2900)
+    parser.add_argument("--max-side", type=int, default=2900, help="generated image sides, px")
     parser.add_argument("--limit", type=int, default=500, help="at most this many files")
     parser.add_argument("--size", type=int, default=224, help="side of the square output, px")
     parser.add_argument(
@@ -182,7 +183,7 @@ def run_bench(root: Path, paths: list[str], origin: str, args: argparse.Namespac
             raise SystemExit("decode_all gave different pixels with 1 and many workers")
         print(
             f"  round {r + 1}/{args.rounds}: "
-            + ", ".join(f"{name[:3]} {per_round[name][-1]:.0f} img/s" for name in names)
+            + ", ".join(f"{name.split()[0]} {per_round[name][-1]:.0f} img/s" for name in names)
         )
 
     rate = {name: args.rounds * len(paths) / seconds[name] for name in names}
@@ -212,7 +213,7 @@ def ratio_table(
     of load from other work better than the ratio of the pooled rates (shown too).
     """
     width = max(len(name) for name in names)
-    head = "÷ " + ref[:3]
+    head = "÷ " + ref.split()[0]
     print(
         f"{'path':<{width}} {'images/s':>9} {head + ' pooled':>11} {head + ' median':>11}"
         f" {'rounds min-max':>15}"

@@ -8,7 +8,9 @@ What it measures, in images per second, on one device with one model, image size
       data/processed/train.npy when it exists at this size, random uint8 otherwise;
   (c) the baseline people use: torchvision `ImageFolder` over JPEG files on disk, PIL
       transforms (Grayscale, RandomRotation(10), RandomResizedCrop, RandomHorizontalFlip,
-      ColorJitter(0.1, 0.1), ToTensor, Normalize), `DataLoader(num_workers=2, shuffle)`.
+      ColorJitter(0.1, 0.1), ToTensor, Normalize), `DataLoader(num_workers=2, shuffle)`;
+  (c0) that loader alone, batches moved to the device but no training step: whether the
+      loader or the model limits (c).
 (b)/(a) is the share of the model's speed the training loop keeps (the project's goal is at
 least 0.9); (c)/(a) the same share for the baseline. All three drive one model through one
 `Trainer`, so they share the train stage's optimizer, loss, autocast dtype and memory format.
@@ -54,21 +56,23 @@ from cxr.processed import load_split, load_stats  # noqa: E402
 from cxr.training import DeviceData, Trainer  # noqa: E402
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and each option's default."""
+
+
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--arch", default="densenet121", help="timm architecture")
     parser.add_argument("--size", type=int, default=64, help="network input side, px")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16, help="images per step")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per path per round")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved repetitions")
     parser.add_argument(
         "--warmup",
         type=int,
         default=3,
-        help="untimed steps: once for (a) and (b), at the start of every (c) run",
+        help="untimed steps: once for (a) and (b); at the start of every (c) run, plus 2 per "
+        "loader worker (its prefetch)",
     )
     parser.add_argument("--device", default="cpu", help="cpu | cuda | mps")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = default")
@@ -81,8 +85,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--demo-patients", type=int, default=16, help="size of the demo set")
     parser.add_argument("--min-side", type=int, default=1000, help="demo JPEG sides, px")
-    parser.add_argument("--max-side", type=int, default=2900)
-    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--max-side", type=int, default=2900, help="demo JPEG sides, px")
+    parser.add_argument(
+        "--params", type=Path, default=ROOT / "params.yaml", help="the rest of the settings"
+    )
     parser.add_argument(
         "--processed",
         type=Path,
@@ -171,11 +177,16 @@ class Ours:
 class Baseline:
     """(c): ImageFolder + PIL transforms + DataLoader, a fresh loader iterator per run.
 
-    Each run starts its workers, lets them fill their queue during `warmup` untimed steps and
-    then times `steps` steps; the workers stop after the run, so they never take CPU from (a)
-    or (b). The sampler is shuffle=True's RandomSampler, drawing as many samples as the run
-    needs (several shuffled epochs over a small folder).
+    Each run starts its workers, runs `warmup` untimed steps and then times `steps` steps; the
+    workers stop after the run, so they never take CPU from (a) or (b). The workers get ahead
+    by up to `PREFETCH` batches each while the pipeline starts; the warm-up is made that much
+    longer, so that a loader slower than the model has used up that head start before the
+    timing begins (else a short run would time batches decoded before it). The sampler is
+    shuffle=True's RandomSampler, drawing as many samples as the run needs (several shuffled
+    epochs over a small folder).
     """
+
+    PREFETCH = 2  # DataLoader's default prefetch_factor
 
     def __init__(self, trainer: Trainer, folder: Path, args: argparse.Namespace) -> None:
         self.trainer, self.args = trainer, args
@@ -193,8 +204,10 @@ class Baseline:
         self.dataset = datasets.ImageFolder(str(folder), transform=tf)
         trainer.model.train()
 
-    def run(self, steps: int, warmup: int) -> int:
+    def run(self, steps: int, warmup: int, train: bool = True) -> int:
+        """Images seen in the timed steps; `train=False` only loads and moves the batches."""
         device, batch = self.trainer.device, self.args.batch
+        warmup += self.PREFETCH * self.args.workers
         sampler = RandomSampler(self.dataset, num_samples=(warmup + steps) * batch)
         loader = DataLoader(
             self.dataset,
@@ -202,6 +215,7 @@ class Baseline:
             sampler=sampler,
             num_workers=self.args.workers,
             pin_memory=device.type == "cuda",
+            prefetch_factor=self.PREFETCH if self.args.workers else None,
         )
         batches = iter(loader)
         start = time.perf_counter()
@@ -211,7 +225,8 @@ class Baseline:
                 start = time.perf_counter()
             x, y = next(batches)
             x = x.to(device, non_blocking=True).contiguous(memory_format=self.trainer.memory_format)
-            train_step(self.trainer, x, y.to(device, non_blocking=True).float())
+            if train:
+                train_step(self.trainer, x, y.to(device, non_blocking=True).float())
         sync(device)
         self.seconds = time.perf_counter() - start
         return steps * batch  # the workers stop when `batches` goes, after the timing
@@ -270,7 +285,10 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = training.pick_device(args.device)
+    try:
+        device = training.pick_device(args.device)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     training.tqdm = partial(tqdm, disable=True)  # train_epoch's progress bar
     params = bench_params(args)
     images, labels, mean, std, data_origin = training_images(args)
@@ -291,27 +309,35 @@ def main() -> None:
             f"\n(b) images: {data_origin}\n(c) images: {jpeg_origin}"
         )
 
-        print(f"warm-up: {args.warmup} steps each")
-        bare.run(args.warmup)
-        ours.run(args.warmup)
+        extra = Baseline.PREFETCH * args.workers
+        print(f"warm-up: (a), (b) {args.warmup} steps once; (c) {args.warmup + extra} every run")
+        if args.warmup:
+            bare.run(args.warmup)
+            ours.run(args.warmup)
         # (c) warms up inside every run, since each run starts its own workers.
 
-        names = ["(a) bare model, random tensors", "(b) Trainer.train_epoch", "(c) ImageFolder+PIL"]
+        names = [
+            "(a) bare model, random tensors",
+            "(b) Trainer.train_epoch",
+            "(c) ImageFolder+PIL",
+            "(c0) its loader alone, no model",
+        ]
         paths: dict[str, Callable[[], tuple[int, float]]] = {
             names[0]: lambda: timed(partial(bare.run, args.steps), device),
             names[1]: lambda: (ours.run(args.steps), ours.seconds),
             names[2]: lambda: (base.run(args.steps, args.warmup), base.seconds),
+            names[3]: lambda: (base.run(args.steps, args.warmup, train=False), base.seconds),
         }
         seen = dict.fromkeys(names, 0)
         seconds = dict.fromkeys(names, 0.0)
         per_round: dict[str, list[float]] = {name: [] for name in names}
         for r in range(args.rounds):
-            for name in names[r % 3 :] + names[: r % 3]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 n, s = paths[name]()
                 seen[name] += n
                 seconds[name] += s
                 per_round[name].append(n / s)
-            rates = ", ".join(f"{name[:3]} {per_round[name][-1]:.1f}" for name in names)
+            rates = ", ".join(f"{name.split()[0]} {per_round[name][-1]:.1f}" for name in names)
             print(f"  round {r + 1}/{args.rounds} images/s: {rates}")
 
     rate = {name: seen[name] / seconds[name] for name in names}
@@ -327,6 +353,8 @@ def main() -> None:
         f"(goal >= 0.90: {'met' if ours >= 0.9 else 'NOT met'})"
         f"\n(c)/(a) = {base:.2f}  ImageFolder+PIL baseline vs. bare model"
         f"\n(b)/(c) = {ours_vs_base:.2f}  training loop vs. baseline"
+        f"\n(c0)/(a) = {ratio[names[3]]:.2f}  baseline loader alone vs. bare model "
+        f"(below 1: the loader limits (c))"
     )
 
 
@@ -339,7 +367,7 @@ def ratio_table(
     of load from other work better than the ratio of the pooled rates (shown too).
     """
     width = max(len(name) for name in names)
-    head = "÷ " + ref[:3]
+    head = "÷ " + ref.split()[0]
     print(
         f"{'path':<{width}} {'images/s':>9} {head + ' pooled':>11} {head + ' median':>11}"
         f" {'rounds min-max':>15}"

@@ -64,6 +64,27 @@ def normalization_stats(images: np.ndarray, chunk: int = 512) -> tuple[float, fl
     return mean, float(np.sqrt(max(total_sq / count - mean**2, 1e-12)))
 
 
+def save_processed(
+    folder: Path, index: pd.DataFrame, pixels: list[np.ndarray], size: int, resize: str
+) -> None:
+    """Write one array per split, the index, and the training split's normalization stats.
+
+    index: one row per image in `pixels` order, with split, path, label, patient_id, width,
+    height.
+    """
+    index = index.assign(row=index.groupby("split").cumcount())
+    for split in SPLITS:
+        rows = np.flatnonzero(index["split"].to_numpy() == split)
+        images = np.stack([pixels[i] for i in rows]) if len(rows) else np.empty((0, size, size))
+        np.save(folder / f"{split}.npy", images.astype(np.uint8))
+        if split == "train":
+            mean, std = normalization_stats(images)
+    columns = ["split", "row", "path", "label", "patient_id", "width", "height"]
+    index[columns].to_csv(folder / "index.csv", index=False)
+    stats = {"image_size": size, "resize": resize, "mean": mean, "std": std}
+    (folder / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
 @dataclass(frozen=True)
 class ProcessedSplit:
     images: np.ndarray  # (N, size, size) uint8, memory-mapped

@@ -77,6 +77,19 @@ def save_history(history: list[EpochRecord]) -> pd.DataFrame:
     return table
 
 
+def summarize(state: TrainState, history: pd.DataFrame, wall_time: float) -> dict:
+    """metrics/train.json: small and flat, to read in `dvc metrics diff`."""
+    best = history.loc[history["epoch"] == state.best_epoch].iloc[0]
+    return {
+        "best_epoch": int(state.best_epoch),
+        "best_val_auc": round(float(state.best_auc), 5),
+        "best_val_loss": round(float(best["val_loss"]), 5),
+        "epochs_run": int(state.epoch),
+        "wall_time_s": round(wall_time, 1),
+        "train_images_per_s": round(float(history["images_per_s"].mean()), 1),
+    }
+
+
 def log_model_to_mlflow(model: torch.nn.Module, image_size: int) -> None:
     """The best model as an MLflow PyTorch model, with its input/output signature."""
     model = model.cpu().eval()
@@ -104,6 +117,7 @@ def main() -> None:
 
     positives = int(train_split.labels.sum())
     negatives = len(train_split.labels) - positives
+    # Weighting positives by NORMAL/PNEUMONIA makes both classes weigh the same in the loss.
     pos_weight = negatives / positives if params.train.imbalance == "pos_weight" else 1.0
     trainer = Trainer(model, params, device, stats["mean"], stats["std"], pos_weight)
     train = DeviceData.from_arrays(train_split.images, train_split.labels, device)
@@ -149,16 +163,7 @@ def main() -> None:
             mlflow_run_id=active.info.run_id,
         )
         save_model(MODEL_FILE, model, card)
-        history = save_history(state.history)
-        best = history.loc[history["epoch"] == state.best_epoch].iloc[0]
-        summary = {
-            "best_epoch": int(state.best_epoch),
-            "best_val_auc": round(float(state.best_auc), 5),
-            "best_val_loss": round(float(best["val_loss"]), 5),
-            "epochs_run": int(state.epoch),
-            "wall_time_s": round(wall_time, 1),
-            "train_images_per_s": round(float(history["images_per_s"].mean()), 1),
-        }
+        summary = summarize(state, save_history(state.history), wall_time)
         write_json(METRICS_FILE, summary)
         mlflow.log_metrics(summary)
         mlflow.log_artifact(str(HISTORY_PNG), artifact_path="plots")

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from cxr import processed
 from cxr.images import load_square
 from cxr.params import ParamsError
 from cxr.stage import StageError
@@ -119,7 +120,7 @@ def test_interrupted_preprocess_leaves_no_output(project: Path, monkeypatch: pyt
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(preprocess, "normalization_stats", interrupted)
+    monkeypatch.setattr(processed, "normalization_stats", interrupted)
     with pytest.raises(KeyboardInterrupt):
         preprocess.main()
     assert not Path("data/processed").exists()

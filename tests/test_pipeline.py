@@ -153,3 +153,21 @@ def test_interrupted_training_resumes_from_its_checkpoint(
     client = mlflow.MlflowClient()
     (run,) = client.search_runs(client.search_experiments()[0].experiment_id)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")] == [1, 2]
+
+
+def test_threshold_is_chosen_without_reading_test_labels(trained: Path, tmp_path: Path):
+    folder = tmp_path / "project"
+    shutil.copytree(trained, folder)
+    index_file = folder / "data/processed/index.csv"
+    index = pd.read_csv(index_file, keep_default_na=False)
+    is_test = index["split"] == "test"
+    swapped = {"NORMAL": "PNEUMONIA", "PNEUMONIA": "NORMAL"}
+    index.loc[is_test, "label"] = index.loc[is_test, "label"].map(swapped)
+    index.to_csv(index_file, index=False)
+    sh(folder, sys.executable, "-m", "stages.evaluate", env=tool_env(tmp_path))
+
+    before = json.loads((trained / "metrics/evaluate.json").read_text())
+    after = json.loads((folder / "metrics/evaluate.json").read_text())
+    assert after["threshold"] == before["threshold"]
+    assert after["val"] == before["val"]
+    assert after["test"]["roc_auc"] == pytest.approx(1 - before["test"]["roc_auc"], abs=1e-4)
