@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ratios import ratio_table  # noqa: E402  (bench/ is the script's folder)
+
 from cxr import processed  # noqa: E402
 from cxr.demo import generate_demo_dataset  # noqa: E402
 from cxr.images import image_size  # noqa: E402
@@ -202,31 +204,6 @@ def run_bench(root: Path, paths: list[str], origin: str, args: argparse.Namespac
         f"\n(a)/(b) = {ours_vs_one:.2f}  parallelism ({args.workers} workers, pool start included)"
         f"\n(a)'s pool start and stop alone (no files): {pool_ms:.0f} ms"
     )
-
-
-def ratio_table(
-    names: list[str], rate: dict[str, float], per_round: dict[str, list[float]], ref: str
-) -> dict[str, float]:
-    """Print images/s and ratios to `ref`; return each path's median per-round ratio.
-
-    A round's ratio compares runs made seconds apart, so the median over rounds resists bursts
-    of load from other work better than the ratio of the pooled rates (shown too).
-    """
-    width = max(len(name) for name in names)
-    head = "÷ " + ref.split()[0]
-    print(
-        f"{'path':<{width}} {'images/s':>9} {head + ' pooled':>11} {head + ' median':>11}"
-        f" {'rounds min-max':>15}"
-    )
-    medians = {}
-    for name in names:
-        ratios = [x / y for x, y in zip(per_round[name], per_round[ref], strict=True)]
-        medians[name] = statistics.median(ratios)
-        print(
-            f"{name:<{width}} {rate[name]:>9.1f} {rate[name] / rate[ref]:>11.2f}"
-            f" {medians[name]:>11.2f} {f'{min(ratios):.2f}-{max(ratios):.2f}':>15}"
-        )
-    return medians
 
 
 if __name__ == "__main__":

@@ -12,12 +12,13 @@ What it measures, in images per second, on one device with one model, image size
   (c0) that loader alone, batches moved to the device but no training step: whether the
       loader or the model limits (c).
 (b)/(a) is the share of the model's speed the training loop keeps (the project's goal is at
-least 0.9); (c)/(a) the same share for the baseline. All three drive one model through one
-`Trainer`, so they share the train stage's optimizer, loss, autocast dtype and memory format.
+least 0.9); (c)/(a) the same share for the baseline. All paths drive one model through one
+`Trainer`, so they share the train stage's optimizer, loss, autocast dtype and memory format,
+and each timed run follows its own untimed warm-up steps.
 
-Why ratios: the machine may be shared, so absolute images/s drift. The three paths run
-interleaved, in rotating order, over several rounds, so drift slows them alike; the headline
-ratios are medians of per-round ratios. The JPEGs for (c) are by default generated at
+Why ratios: the machine may be shared, so absolute images/s drift. The paths run interleaved,
+in rotating order, over several rounds, so drift slows them alike; the headline ratios are
+medians of per-round ratios. The JPEGs for (c) are by default generated at
 Kaggle-like sizes (1000-2900 px), where decoding dominates; `--images` points at a
 Kaggle-layout train/ folder instead (kermany-224 holds 224 px files, far cheaper to decode):
 the two cases differ a lot, and the output says which was used.
@@ -47,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ratios import ratio_table  # noqa: E402  (bench/ is the script's folder)
+
 from cxr import training  # noqa: E402
 from cxr.demo import generate_demo_dataset  # noqa: E402
 from cxr.images import image_size  # noqa: E402
@@ -66,13 +69,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=64, help="network input side, px")
     parser.add_argument("--batch", type=int, default=16, help="images per step")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per path per round")
-    parser.add_argument("--rounds", type=int, default=6, help="interleaved repetitions")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved repetitions, at most")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=120,
+        help="seconds of timing after which no new round starts (2 rounds run at least)",
+    )
     parser.add_argument(
         "--warmup",
         type=int,
         default=3,
-        help="untimed steps: once for (a) and (b); at the start of every (c) run, plus 2 per "
-        "loader worker (its prefetch)",
+        help="untimed steps before every timed run; (c) and (c0) get 2 more per loader worker "
+        "(its prefetch)",
     )
     parser.add_argument("--device", default="cpu", help="cpu | cuda | mps")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = default")
@@ -150,9 +159,15 @@ class Bare:
         self.y = y.to(trainer.device)
         trainer.model.train()
 
-    def run(self, steps: int) -> int:
+    def run(self, steps: int, warmup: int) -> int:
+        for _ in range(warmup):
+            train_step(self.trainer, self.x, self.y)
+        sync(self.trainer.device)
+        start = time.perf_counter()
         for _ in range(steps):
             train_step(self.trainer, self.x, self.y)
+        sync(self.trainer.device)
+        self.seconds = time.perf_counter() - start
         return steps * len(self.y)
 
 
@@ -163,15 +178,25 @@ class Ours:
         self.trainer, self.images, self.labels, self.batch = trainer, images, labels, batch
         self.epoch = 0
 
-    def run(self, steps: int) -> int:
+    def data(self, steps: int) -> DeviceData:
         rows = np.arange(steps * self.batch) % len(self.images)
-        data = DeviceData.from_arrays(self.images[rows], self.labels[rows], self.trainer.device)
-        sync(self.trainer.device)  # the upload is set-up, as in the train stage: not timed
+        return DeviceData.from_arrays(self.images[rows], self.labels[rows], self.trainer.device)
+
+    def run(self, steps: int, warmup: int) -> int:
+        """An untimed epoch of `warmup` steps, then a timed one of `steps` steps.
+
+        Uploading the DeviceData is set-up, as in the train stage, and is not timed.
+        """
+        if warmup:
+            self.epoch += 1
+            self.trainer.train_epoch(self.data(warmup), self.epoch, frozen=False)
+        data = self.data(steps)
+        sync(self.trainer.device)
         self.epoch += 1
         start = time.perf_counter()
         self.trainer.train_epoch(data, self.epoch, frozen=False)
         self.seconds = time.perf_counter() - start
-        return len(rows)
+        return len(data.labels)
 
 
 class Baseline:
@@ -230,14 +255,6 @@ class Baseline:
         sync(device)
         self.seconds = time.perf_counter() - start
         return steps * batch  # the workers stop when `batches` goes, after the timing
-
-
-def timed(run: Callable[[], int], device: torch.device) -> tuple[int, float]:
-    sync(device)
-    start = time.perf_counter()
-    images = run()
-    sync(device)
-    return images, time.perf_counter() - start
 
 
 def training_images(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, float, float, str]:
@@ -310,11 +327,10 @@ def main() -> None:
         )
 
         extra = Baseline.PREFETCH * args.workers
-        print(f"warm-up: (a), (b) {args.warmup} steps once; (c) {args.warmup + extra} every run")
-        if args.warmup:
-            bare.run(args.warmup)
-            ours.run(args.warmup)
-        # (c) warms up inside every run, since each run starts its own workers.
+        print(
+            f"untimed warm-up steps before each timed run: (a), (b) {args.warmup}; "
+            f"(c), (c0) {args.warmup + extra}"
+        )
 
         names = [
             "(a) bare model, random tensors",
@@ -323,14 +339,15 @@ def main() -> None:
             "(c0) its loader alone, no model",
         ]
         paths: dict[str, Callable[[], tuple[int, float]]] = {
-            names[0]: lambda: timed(partial(bare.run, args.steps), device),
-            names[1]: lambda: (ours.run(args.steps), ours.seconds),
+            names[0]: lambda: (bare.run(args.steps, args.warmup), bare.seconds),
+            names[1]: lambda: (ours.run(args.steps, args.warmup), ours.seconds),
             names[2]: lambda: (base.run(args.steps, args.warmup), base.seconds),
             names[3]: lambda: (base.run(args.steps, args.warmup, train=False), base.seconds),
         }
         seen = dict.fromkeys(names, 0)
         seconds = dict.fromkeys(names, 0.0)
         per_round: dict[str, list[float]] = {name: [] for name in names}
+        timing_started = time.perf_counter()
         for r in range(args.rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 n, s = paths[name]()
@@ -339,9 +356,14 @@ def main() -> None:
                 per_round[name].append(n / s)
             rates = ", ".join(f"{name.split()[0]} {per_round[name][-1]:.1f}" for name in names)
             print(f"  round {r + 1}/{args.rounds} images/s: {rates}")
+            spent = time.perf_counter() - timing_started
+            if r + 1 >= 2 and r + 1 < args.rounds and spent > args.budget:
+                print(f"  --budget {args.budget:.0f} s spent ({spent:.0f} s): stopping here")
+                break
 
     rate = {name: seen[name] / seconds[name] for name in names}
-    print(f"\n{args.rounds} rounds x {args.steps} timed steps per path, interleaved")
+    rounds = len(per_round[names[0]])
+    print(f"\n{rounds} rounds x {args.steps} timed steps per path, interleaved")
     ratio = ratio_table(names, rate, per_round, names[0])
     ours, base = ratio[names[1]], ratio[names[2]]
     ours_vs_base = statistics.median(
@@ -356,31 +378,6 @@ def main() -> None:
         f"\n(c0)/(a) = {ratio[names[3]]:.2f}  baseline loader alone vs. bare model "
         f"(below 1: the loader limits (c))"
     )
-
-
-def ratio_table(
-    names: list[str], rate: dict[str, float], per_round: dict[str, list[float]], ref: str
-) -> dict[str, float]:
-    """Print images/s and ratios to `ref`; return each path's median per-round ratio.
-
-    A round's ratio compares runs made seconds apart, so the median over rounds resists bursts
-    of load from other work better than the ratio of the pooled rates (shown too).
-    """
-    width = max(len(name) for name in names)
-    head = "÷ " + ref.split()[0]
-    print(
-        f"{'path':<{width}} {'images/s':>9} {head + ' pooled':>11} {head + ' median':>11}"
-        f" {'rounds min-max':>15}"
-    )
-    medians = {}
-    for name in names:
-        ratios = [x / y for x, y in zip(per_round[name], per_round[ref], strict=True)]
-        medians[name] = statistics.median(ratios)
-        print(
-            f"{name:<{width}} {rate[name]:>9.1f} {rate[name] / rate[ref]:>11.2f}"
-            f" {medians[name]:>11.2f} {f'{min(ratios):.2f}-{max(ratios):.2f}':>15}"
-        )
-    return medians
 
 
 if __name__ == "__main__":

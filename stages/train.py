@@ -27,7 +27,7 @@ from cxr.atomic import atomic_path, write_csv, write_json
 from cxr.model import ModelCard, create_model, save_model
 from cxr.params import Params, as_flat_dict, load_params
 from cxr.processed import PROCESSED_DIR, load_split, load_stats
-from cxr.stage import run
+from cxr.stage import StageError, run
 from cxr.training import DeviceData, EpochRecord, Trainer, TrainState, pick_device, save_checkpoint
 
 MODEL_FILE = Path("models/model.pt")
@@ -113,6 +113,13 @@ def main() -> None:
     device = pick_device(params.train.device)
     stats = load_stats()
     train_split, val_split = load_split("train"), load_split("val")
+    for name, split in (("train", train_split), ("val", val_split)):
+        if len(np.unique(split.labels)) < 2:
+            raise StageError(
+                f"the {name} split holds only one class ({split.index['label'].iloc[0]}); "
+                "ROC-AUC and early stopping need both: use more data or a larger "
+                "split.val_fraction"
+            )
     model = create_model(params.model.arch, params.model.pretrained, params.model.drop_rate)
 
     positives = int(train_split.labels.sum())

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -171,3 +172,18 @@ def test_threshold_is_chosen_without_reading_test_labels(trained: Path, tmp_path
     assert after["threshold"] == before["threshold"]
     assert after["val"] == before["val"]
     assert after["test"]["roc_auc"] == pytest.approx(1 - before["test"]["roc_auc"], abs=1e-4)
+
+
+def test_single_class_validation_split_is_a_clear_error(prepared_project: Path, tmp_path: Path):
+    folder = tmp_path / "project"
+    shutil.copytree(prepared_project, folder)
+    index_file = folder / "data/processed/index.csv"
+    index = pd.read_csv(index_file, keep_default_na=False)
+    index.loc[index["split"] == "val", "label"] = "PNEUMONIA"
+    index.to_csv(index_file, index=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.train"], cwd=folder, env=tool_env(tmp_path),
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "error: the val split holds only one class (PNEUMONIA)" in result.stderr
