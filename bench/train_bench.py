@@ -137,16 +137,6 @@ def sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> None:
-    """The model's part of Trainer.train_epoch's step: forward, loss, backward, AdamW."""
-    with torch.autocast(x.device.type, dtype=trainer.dtype, enabled=trainer.dtype is not None):
-        logits = trainer.forward(x).float().squeeze(1)
-    loss = trainer.loss_fn(logits, y)
-    trainer.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    trainer.optimizer.step()
-
-
 class Bare:
     """(a): the same random batch, already on the device, every step."""
 
@@ -161,11 +151,11 @@ class Bare:
 
     def run(self, steps: int, warmup: int) -> int:
         for _ in range(warmup):
-            train_step(self.trainer, self.x, self.y)
+            self.trainer.optimize(self.x, self.y)
         sync(self.trainer.device)
         start = time.perf_counter()
         for _ in range(steps):
-            train_step(self.trainer, self.x, self.y)
+            self.trainer.optimize(self.x, self.y)
         sync(self.trainer.device)
         self.seconds = time.perf_counter() - start
         return steps * len(self.y)
@@ -251,7 +241,7 @@ class Baseline:
             x, y = next(batches)
             x = x.to(device, non_blocking=True).contiguous(memory_format=self.trainer.memory_format)
             if train:
-                train_step(self.trainer, x, y.to(device, non_blocking=True).float())
+                self.trainer.optimize(x, y.to(device, non_blocking=True).float())
         sync(device)
         self.seconds = time.perf_counter() - start
         return steps * batch  # the workers stop when `batches` goes, after the timing

@@ -207,6 +207,16 @@ class Trainer:
             eta_min=self.params.train.min_lr,
         )
 
+    def optimize(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a ready batch: forward, loss, backward, AdamW; returns the loss."""
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            logits = self.forward(x).float().squeeze(1)
+        loss = self.loss_fn(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
     def train_epoch(self, data: DeviceData, epoch: int, frozen: bool) -> tuple[float, float]:
         """One pass over the training data; returns (mean loss, images per second)."""
         p = self.params
@@ -224,12 +234,7 @@ class Trainer:
             x = augment(x, p.train.augment, self.augment_generator)
             x = ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
             y = data.labels[index] * (1 - smoothing) + 0.5 * smoothing
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                logits = self.forward(x).float().squeeze(1)
-            loss = self.loss_fn(logits, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            loss = self.optimize(x, y)
             self.scheduler.step()
             total_loss += loss.detach() * len(index)
             seen += len(index)
