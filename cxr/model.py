@@ -21,7 +21,8 @@ from cxr.atomic import atomic_path
 from cxr.dataset import CLASSES
 from cxr.images import ResizeMode, load_square
 
-# Stored beside the model by the evaluate stage, which picks it on validation data.
+# Stored beside the model by the evaluate stage, which picks the threshold (and whether to
+# average over a horizontal flip) on validation data.
 THRESHOLD_FILE = "threshold.json"
 
 
@@ -108,11 +109,16 @@ def save_model(path: Path, model: nn.Module, card: ModelCard) -> None:
 
 @dataclass
 class Classifier:
-    """A loaded model with its card and the decision threshold chosen on validation."""
+    """A loaded model with its card and the decision settings chosen on validation.
+
+    `flip_tta` averages the logits of each image and its mirror image; the threshold was chosen
+    on probabilities computed the same way, so the two travel together in threshold.json.
+    """
 
     model: nn.Module
     card: ModelCard
     threshold: float
+    flip_tta: bool = False
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu") -> Classifier:
@@ -122,10 +128,10 @@ class Classifier:
         model.load_state_dict(saved["state_dict"])
         model.to(device).eval()
         threshold_file = path.parent / THRESHOLD_FILE
-        threshold = 0.5
+        decision = {"threshold": 0.5}
         if threshold_file.is_file():
-            threshold = float(json.loads(threshold_file.read_text())["threshold"])
-        return cls(model, card, threshold)
+            decision = json.loads(threshold_file.read_text())
+        return cls(model, card, float(decision["threshold"]), bool(decision.get("flip_tta")))
 
     def to_tensor(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W) arrays to the normalized (N, 1, H, W) float input."""
@@ -139,11 +145,14 @@ class Classifier:
     @torch.no_grad()
     def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Pneumonia probability per uint8 image."""
-        probabilities = [
-            torch.sigmoid(self.model(self.to_tensor(images[i : i + batch_size])).float())
-            for i in range(0, len(images), batch_size)
-        ]
-        return torch.cat(probabilities).squeeze(1).cpu().numpy()
+        logits = []
+        for start in range(0, len(images), batch_size):
+            x = self.to_tensor(images[start : start + batch_size])
+            logit = self.model(x).float()
+            if self.flip_tta:
+                logit = (logit + self.model(x.flip(-1)).float()) / 2
+            logits.append(logit)
+        return torch.sigmoid(torch.cat(logits)).squeeze(1).cpu().numpy()
 
 
 def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:

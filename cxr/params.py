@@ -25,8 +25,14 @@ class ParamsError(ValueError):
     """A missing, unknown or invalid entry in params.yaml."""
 
 
-def _range(low: float | None = None, high: float | None = None, *, open_low: bool = False):
-    return {"low": low, "high": high, "open_low": open_low}
+def _range(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+):
+    return {"low": low, "high": high, "open_low": open_low, "open_high": open_high}
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,7 @@ class TrainParams:
     imbalance: Literal["pos_weight", "sampler", "none"]
     patience: int = field(metadata=_range(1))
     label_smoothing: float = field(metadata=_range(0.0, 0.4))
+    ema_decay: float = field(metadata=_range(0.0, 1.0, open_high=True))
     augment: AugmentParams
     device: Literal["auto", "cuda", "mps", "cpu"]
     precision: Literal["auto", "bf16", "fp16", "fp32"]
@@ -91,6 +98,7 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
+    flip_tta: bool
     threshold: Literal["fixed", "youden", "sensitivity"]
     fixed_threshold: float = field(metadata=_range(0.0, 1.0))
     target_sensitivity: float = field(metadata=_range(0.0, 1.0, open_low=True))
@@ -241,5 +249,6 @@ def _check_range(key: str, value: Any, bounds: types.MappingProxyType) -> None:
     if low is not None and (value < low or (bounds["open_low"] and value == low)):
         op = ">" if bounds["open_low"] else ">="
         raise ParamsError(f"{key}: {value!r} is out of range (must be {op} {low})")
-    if high is not None and value > high:
-        raise ParamsError(f"{key}: {value!r} is out of range (must be <= {high})")
+    if high is not None and (value > high or (bounds["open_high"] and value == high)):
+        op = "<" if bounds["open_high"] else "<="
+        raise ParamsError(f"{key}: {value!r} is out of range (must be {op} {high})")

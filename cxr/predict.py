@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     layer = None if args.no_cam else resolve_target_layer(classifier.model, args.target_layer)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-    print(f"model {args.model} ({classifier.card.arch}), threshold {classifier.threshold:.4f}")
+    tta = ", flip TTA" if classifier.flip_tta else ""
+    print(f"model {args.model} ({classifier.card.arch}), threshold {classifier.threshold:.4f}{tta}")
 
     failures = 0
     for path in find_images(args.images):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from cxr.atomic import atomic_path
@@ -191,6 +192,12 @@ class Trainer:
             self.memory_format = torch.channels_last
         self.model.to(self.device, memory_format=self.memory_format)
         self.forward = torch.compile(self.model) if p.train.compile else self.model
+        # Weight averaging: validation, early stopping and the saved model use the running
+        # average of the weights (BatchNorm statistics included) instead of the last step's.
+        self.ema = None
+        if p.train.ema_decay > 0:
+            averaging = get_ema_multi_avg_fn(p.train.ema_decay)
+            self.ema = AveragedModel(self.model, multi_avg_fn=averaging, use_buffers=True)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=p.lr, weight_decay=p.train.weight_decay
         )
@@ -236,6 +243,8 @@ class Trainer:
             y = data.labels[index] * (1 - smoothing) + 0.5 * smoothing
             loss = self.optimize(x, y)
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             total_loss += loss.detach() * len(index)
             seen += len(index)
             if step % 10 == 0 or step == len(batches) - 1:
@@ -243,10 +252,15 @@ class Trainer:
                 progress.set_postfix(loss=f"{total_loss.item() / seen:.4f}", img_s=f"{rate:.0f}")
         return total_loss.item() / seen, seen / (time.perf_counter() - started)
 
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """The weights that are validated and kept: the average if there is one."""
+        return self.forward if self.ema is None else self.ema.module
+
     def validate(self, data: DeviceData) -> tuple[float, float]:
         """(loss, ROC-AUC) on validation data; the loss is unweighted, comparable across runs."""
         logits = predict_logits(
-            self.forward,
+            self.evaluated_model,
             data.images,
             self.mean,
             self.std,
@@ -279,7 +293,7 @@ class Trainer:
             if val_auc > state.best_auc:
                 state.best_auc, state.best_epoch = val_auc, epoch
                 state.best_state = copy.deepcopy(
-                    {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+                    {k: v.detach().cpu() for k, v in self.evaluated_model.state_dict().items()}
                 )
                 state.epochs_without_improvement = 0
             else:
@@ -301,6 +315,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
             "order_generator": self.order_generator.get_state(),
             "augment_generator": self.augment_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -310,6 +325,8 @@ class Trainer:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(saved["ema"])
         self.order_generator.set_state(saved["order_generator"])
         self.augment_generator.set_state(saved["augment_generator"])
         torch.set_rng_state(saved["torch_rng"])

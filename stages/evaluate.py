@@ -67,6 +67,7 @@ def main() -> None:
     params = load_params()
     settings = params.evaluate
     classifier = Classifier.load(MODEL_FILE, device=str(pick_device(params.train.device)))
+    classifier.flip_tta = settings.flip_tta
     splits = {"val": load_split("val"), "test": load_split("test")}
     probs = {name: classifier.predict_proba(np.asarray(s.images)) for name, s in splits.items()}
 
@@ -89,12 +90,18 @@ def main() -> None:
     write_json(METRICS_FILE, report)
     write_json(
         MODEL_FILE.parent / THRESHOLD_FILE,
-        {"threshold": threshold, "strategy": settings.threshold, "chosen_on": "validation"},
+        {
+            "threshold": threshold,
+            "strategy": settings.threshold,
+            "flip_tta": settings.flip_tta,
+            "chosen_on": "validation",
+        },
     )
     write_csv(PREDICTIONS, pd.concat(predictions, ignore_index=True))
 
     with tracking.reopen_training_run(params, classifier.card.mlflow_run_id):
         mlflow.set_tag("evaluate.threshold_strategy", settings.threshold)
+        mlflow.set_tag("evaluate.flip_tta", settings.flip_tta)
         flat = {
             f"{split}_{k}": v
             for split in splits

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,7 @@ def test_integral_float_is_accepted_for_int_and_bool_strings(params_file: Path):
         ({"lr": "fast"}, "lr: expected float"),
         ({"lr": 0}, "lr: 0.0 is out of range"),
         ({"split": {"val_fraction": 0.9}}, "split.val_fraction: 0.9 is out of range"),
+        ({"train": {"ema_decay": 1}}, "train.ema_decay: 1.0 is out of range (must be < 1.0)"),
         ({"train": {"augment": {"hflip": "maybe"}}}, "train.augment.hflip: expected bool"),
         ({"data": {"source": "s3"}}, "data.source: 's3' is not one of demo, kaggle, url, local"),
         ({"train": {"freeze_epochs": 50}}, "train.freeze_epochs must not exceed epochs"),
@@ -55,7 +57,7 @@ def test_integral_float_is_accepted_for_int_and_bool_strings(params_file: Path):
 )
 def test_invalid_values_name_the_key(params_file: Path, overrides: dict, message: str):
     set_params(params_file, overrides)
-    with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ParamsError, match=re.escape(message)):
         load_params(params_file / "params.yaml")
 
 

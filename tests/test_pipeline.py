@@ -17,7 +17,7 @@ from cxr.model import Classifier
 from cxr.predict import main as predict
 from cxr.processed import load_split
 from stages import train
-from tests.conftest import sh, tool_env
+from tests.conftest import set_params, sh, tool_env
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,7 @@ def test_evaluate_outputs(trained: Path):
     threshold = json.loads((trained / "models/threshold.json").read_text())
     assert report["threshold"] == pytest.approx(threshold["threshold"], abs=1e-6)
     assert threshold["chosen_on"] == "validation"
+    assert threshold["flip_tta"] is False
     for split in ("val", "test"):
         assert 0 <= report[split]["roc_auc"] <= 1
         assert report[split]["roc_auc_ci_low"] <= report[split]["roc_auc_ci_high"]
@@ -172,6 +173,23 @@ def test_threshold_is_chosen_without_reading_test_labels(trained: Path, tmp_path
     assert after["threshold"] == before["threshold"]
     assert after["val"] == before["val"]
     assert after["test"]["roc_auc"] == pytest.approx(1 - before["test"]["roc_auc"], abs=1e-4)
+
+
+def test_flip_tta_is_scored_and_stored_for_inference(trained: Path, tmp_path: Path):
+    folder = tmp_path / "project"
+    shutil.copytree(trained, folder)
+    set_params(folder, {"evaluate": {"flip_tta": True}})
+    sh(folder, sys.executable, "-m", "stages.evaluate", env=tool_env(tmp_path))
+
+    assert json.loads((folder / "models/threshold.json").read_text())["flip_tta"] is True
+    classifier = Classifier.load(folder / "models/model.pt")
+    assert classifier.flip_tta
+    test_images = np.asarray(load_split("test", folder / "data/processed").images)
+    stored = pd.read_csv(folder / "data/predictions.csv").query("split == 'test'")
+    plain = pd.read_csv(trained / "data/predictions.csv").query("split == 'test'")
+    expected = classifier.predict_proba(test_images)
+    np.testing.assert_allclose(stored["probability"], expected, atol=2e-6)
+    assert not np.allclose(stored["probability"], plain["probability"], atol=1e-4)
 
 
 def test_single_class_validation_split_is_a_clear_error(prepared_project: Path, tmp_path: Path):

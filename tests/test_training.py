@@ -57,6 +57,32 @@ def test_training_is_deterministic_on_cpu(params: Params):
         assert torch.equal(value, states[1][key]), key
 
 
+def test_weight_averaging_validates_and_keeps_the_running_average(params: Params):
+    decay = 0.8
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, ema_decay=decay))
+    trainer = _trainer(params)
+    data = _squares(16, seed=2)  # one batch: one optimizer step per epoch
+    snapshots = []
+    for epoch in (1, 2):
+        trainer.train_epoch(data, epoch, frozen=False)
+        snapshots.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    averaged = trainer.evaluated_model.state_dict()
+    for key, value in averaged.items():
+        if value.is_floating_point():
+            expected = decay * snapshots[0][key] + (1 - decay) * snapshots[1][key]
+            torch.testing.assert_close(value, expected, msg=key)
+    assert not torch.equal(averaged["fc.weight"], snapshots[1]["fc.weight"])
+
+    aucs = iter([0.6, 0.7, 0.8, 0.9])  # every epoch is the best so far: the last one is kept
+    trainer.validate = lambda data: (0.5, next(aucs))
+    state = trainer.fit(data, data, TrainState(), lambda record, state: None)
+    assert state.best_epoch == 4
+    kept, last = state.best_state, trainer.model.state_dict()
+    for key, value in trainer.evaluated_model.state_dict().items():
+        assert torch.equal(kept[key], value), key
+    assert not torch.equal(kept["fc.weight"], last["fc.weight"])
+
+
 def test_frozen_backbone_trains_only_the_head(params: Params):
     trainer = _trainer(params)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -95,6 +121,31 @@ def test_saved_model_reloads_and_predicts_identically(tmp_path: Path, params: Pa
     assert loaded.threshold == 0.5  # until the evaluate stage stores one beside it
     (tmp_path / "threshold.json").write_text('{"threshold": 0.3}')
     assert Classifier.load(tmp_path / "model.pt").threshold == 0.3
+
+
+def test_flip_tta_averages_an_image_and_its_mirror(tmp_path: Path, params: Params):
+    trainer = _trainer(params)
+    trainer.train_epoch(_squares(32, seed=3), 1, frozen=False)
+    card = ModelCard(arch="resnet10t", image_size=SIZE, resize="pad", mean=0.2, std=0.2)
+    save_model(tmp_path / "model.pt", trainer.model, card)
+    (tmp_path / "threshold.json").write_text('{"threshold": 0.4, "flip_tta": true}')
+    classifier = Classifier.load(tmp_path / "model.pt")
+    assert classifier.flip_tta and classifier.threshold == 0.4
+    images = _squares(8, seed=4).images.numpy()
+    mirrored = np.ascontiguousarray(images[:, :, ::-1])
+    with torch.no_grad():
+        logits = (
+            classifier.model(classifier.to_tensor(images))
+            + classifier.model(classifier.to_tensor(mirrored))
+        ) / 2
+    np.testing.assert_allclose(
+        classifier.predict_proba(images), torch.sigmoid(logits).squeeze(1).numpy(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        classifier.predict_proba(images), classifier.predict_proba(mirrored), rtol=1e-5
+    )
+    classifier.flip_tta = False
+    assert not np.allclose(classifier.predict_proba(images), classifier.predict_proba(mirrored))
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
