@@ -253,14 +253,14 @@ class Trainer:
         return total_loss.item() / seen, seen / (time.perf_counter() - started)
 
     @property
-    def evaluated_model(self) -> nn.Module:
+    def kept_model(self) -> nn.Module:
         """The weights that are validated and kept: the average if there is one."""
-        return self.forward if self.ema is None else self.ema.module
+        return self.model if self.ema is None else self.ema.module
 
     def validate(self, data: DeviceData) -> tuple[float, float]:
         """(loss, ROC-AUC) on validation data; the loss is unweighted, comparable across runs."""
         logits = predict_logits(
-            self.evaluated_model,
+            self.forward if self.ema is None else self.ema.module,
             data.images,
             self.mean,
             self.std,
@@ -293,7 +293,7 @@ class Trainer:
             if val_auc > state.best_auc:
                 state.best_auc, state.best_epoch = val_auc, epoch
                 state.best_state = copy.deepcopy(
-                    {k: v.detach().cpu() for k, v in self.evaluated_model.state_dict().items()}
+                    {k: v.detach().cpu() for k, v in self.kept_model.state_dict().items()}
                 )
                 state.epochs_without_improvement = 0
             else:

@@ -66,7 +66,7 @@ def test_weight_averaging_validates_and_keeps_the_running_average(params: Params
     for epoch in (1, 2):
         trainer.train_epoch(data, epoch, frozen=False)
         snapshots.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
-    averaged = trainer.evaluated_model.state_dict()
+    averaged = trainer.kept_model.state_dict()
     for key, value in averaged.items():
         if value.is_floating_point():
             expected = decay * snapshots[0][key] + (1 - decay) * snapshots[1][key]
@@ -78,7 +78,7 @@ def test_weight_averaging_validates_and_keeps_the_running_average(params: Params
     state = trainer.fit(data, data, TrainState(), lambda record, state: None)
     assert state.best_epoch == 4
     kept, last = state.best_state, trainer.model.state_dict()
-    for key, value in trainer.evaluated_model.state_dict().items():
+    for key, value in trainer.kept_model.state_dict().items():
         assert torch.equal(kept[key], value), key
     assert not torch.equal(kept["fc.weight"], last["fc.weight"])
 
