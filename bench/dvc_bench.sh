@@ -25,13 +25,14 @@ copy of the project. Default: params.yaml as it is in the project.
 
   --epochs N        override `epochs` in the copy's params.yaml     (env: EPOCHS)
   --patients N      override `data.demo_patients`                   (env: DEMO_PATIENTS)
-  --set KEY=VALUE   override any dotted key, e.g. --set image_size=32 (repeatable;
-                    env: SET="KEY=VALUE KEY=VALUE"); VALUE is read as YAML
+  --set KEY=VALUE   override any dotted key of params.yaml, e.g. --set image_size=32 or
+                    --set runtime.threads=1 (repeatable; env: SET="KEY=VALUE KEY=VALUE");
+                    VALUE is read as YAML
   --keep            keep the temp copy and print where it is        (env: KEEP=1)
   -h, --help        this help
 
 Run from anywhere; Python and DVC come from the project's .venv (or $PYTHON).
-Quick check:  bench/dvc_bench.sh --epochs 1 --patients 24 --set data.demo_max_side=200
+Quick check:  bench/dvc_bench.sh --epochs 1 --patients 40 --set data.demo_max_side=200
 EOF
 }
 
@@ -140,6 +141,8 @@ print(
     f"sides={d['demo_min_side']}-{d['demo_max_side']} image_size={p['image_size']} "
     f"epochs={p['epochs']} batch_size={p['batch_size']} arch={p['model']['arch']}"
 )
+r = p["runtime"]
+print(f"runtime: device={r['device']} threads={r['threads']} workers={r['workers']}")
 EOF
 
 timed "$work/cli.log" "$PYTHON" -m dvc --version

@@ -2,7 +2,8 @@
 
 What it measures, in images per second over the same files:
   (a) our path: `cxr.processed.decode_all(root, paths, size, "pad", workers)` with one worker
-      process per CPU core (pool start-up included, as the preprocess stage pays it);
+      process per CPU core, as the preprocess stage runs it with `runtime.workers: 0` (pool
+      start-up included, as the stage pays it);
   (b) our path in one process (workers=1): JPEG draft mode without the parallelism;
   (c) the plain loop people write: `Image.open(p).convert("L").resize((size, size))`, one
       process.
@@ -112,7 +113,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=500, help="at most this many files")
     parser.add_argument("--size", type=int, default=224, help="side of the square output, px")
     parser.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="processes for (a)"
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes for (a), like params.yaml's runtime.workers (0 there = one per core)",
     )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions")
     args = parser.parse_args()

@@ -4,6 +4,11 @@ This is the pipeline's default data source, so that every stage runs offline and
 two CPU cores. The files mimic what the real data throws at the pipeline (patient-coded names,
 several images per patient, a tiny val folder, varying sizes, a few RGB JPEGs), and each
 PNEUMONIA image carries a known lesion box so that Grad-CAM localisation can be scored.
+
+The task is made hard enough not to saturate, so that `dvc metrics diff` can show a change in
+either direction: some lesions are faint, half of the NORMAL images carry a small, faint
+unilateral look-alike, and the test split is large enough (about 180 images at the default
+250 patients) to rank models.
 """
 
 from __future__ import annotations
@@ -23,11 +28,21 @@ MIN_PATIENTS = 8  # two val patients per class plus one train and one test patie
 _PLAN_STREAM = 0  # RNG stream keys, so the plan and each image draw independent numbers
 _IMAGE_STREAM = 1
 _NORMAL_SHARE = 0.25  # of patients; with equal images per patient this is 1:3 by images
-_TEST_SHARE = 0.12
+_TEST_SHARE = 0.3  # of each class's non-val patients: a test set large enough to rank models
 _NORMAL2_SHARE = 0.4
 _BACTERIA_SHARE = 0.65
 _RGB_SHARE = 0.05
 _ASPECT = (0.75, 1.35)  # width / height
+# Lesions: most are bright, so that a small network trained from scratch picks the task up
+# within a few epochs; the faint ones overlap the look-alikes, so the task does not saturate.
+_LESION_EXTENT = (0.35, 0.6)  # main blob's diameter at _BOX_LEVEL, as a share of lung width
+_LESION_PEAK = (60.0, 100.0)  # grey levels added at the opacity's peak
+_FAINT_SHARE = 0.3  # of PNEUMONIA images: a faint lesion instead
+_FAINT_PEAK = (15.0, 35.0)
+_LOOKALIKE_SHARE = 0.5  # of NORMAL images: a small, faint unilateral brightening, no lesion
+_LOOKALIKE_EXTENT = (0.15, 0.35)
+_LOOKALIKE_PEAK = (10.0, 35.0)
+_BASES_SHARE = 0.4  # of NORMAL images: bilateral brightening of the lung bases
 _BOX_LEVEL = 0.2  # the lesion box is where the opacity exceeds this fraction of its peak
 _BOX_RADIUS = float(np.sqrt(2 * np.log(1 / _BOX_LEVEL)))  # that level's radius, in sigmas
 _LUNG_MARGIN = 0.9  # the lesion box stays inside the lung ellipse shrunk by this factor
@@ -155,15 +170,25 @@ def _name_images(plan: list[_Patient], rng: np.random.Generator) -> list[_ImageS
 def _draw_image(
     rng: np.random.Generator, pneumonia: bool, min_side: int, max_side: int
 ) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
-    """One image of its own size; NORMAL ones sometimes get a distractor, PNEUMONIA a lesion."""
+    """One image of its own size; PNEUMONIA ones get a lesion, NORMAL ones distractors.
+
+    A NORMAL image may get a bilateral brightening of the lung bases and, independently, a
+    look-alike: a single gaussian drawn like a lesion but smaller and at most as bright as a
+    faint one, so faint lesions and look-alikes are hard to tell apart.
+    """
     height = int(rng.integers(min_side, max_side + 1))
     width = int(np.clip(round(height * rng.uniform(*_ASPECT)), min_side, max_side))
     image, lungs, lung_mask = _draw_chest(rng, height, width)
     box = None
+    lung = lungs[int(rng.integers(2))]
     if pneumonia:
-        box = _add_opacity(rng, image, lungs[int(rng.integers(2))])
-    elif rng.random() < 0.4:
-        _brighten_lung_bases(rng, image, lungs[0], lung_mask)  # both lungs span the same rows
+        peak = _FAINT_PEAK if rng.random() < _FAINT_SHARE else _LESION_PEAK
+        box = _add_opacity(rng, image, lung, _LESION_EXTENT, peak, max_extra_blobs=2)
+    else:
+        if rng.random() < _BASES_SHARE:
+            _brighten_lung_bases(rng, image, lungs[0], lung_mask)  # both lungs span the same rows
+        if rng.random() < _LOOKALIKE_SHARE:
+            _add_opacity(rng, image, lung, _LOOKALIKE_EXTENT, _LOOKALIKE_PEAK, max_extra_blobs=0)
     _add_texture(rng, image)
     return np.clip(image + 0.5, 0, 255).astype(np.uint8), box
 
@@ -209,17 +234,23 @@ def _smooth_noise(rng: np.random.Generator, cells: int, height: int, width: int)
 
 
 def _add_opacity(
-    rng: np.random.Generator, image: np.ndarray, lung: _Ellipse
+    rng: np.random.Generator,
+    image: np.ndarray,
+    lung: _Ellipse,
+    extent_range: tuple[float, float],
+    peak_range: tuple[float, float],
+    max_extra_blobs: int,
 ) -> tuple[int, int, int, int]:
-    """Add a soft bright blob of 1-3 gaussians inside `lung`; return its box (x0, y0, x1, y1).
+    """Add a soft bright blob of 1 + up to `max_extra_blobs` gaussians inside `lung`.
 
-    The box is measured on the rendered opacity, so it is exact in the file's pixels.
+    Returns its box (x0, y0, x1, y1), measured on the rendered opacity, so it is exact in the
+    file's pixels.
     """
-    extent = rng.uniform(0.3, 0.55) * 2 * lung.ax  # main blob's diameter at _BOX_LEVEL
+    extent = rng.uniform(*extent_range) * 2 * lung.ax  # main blob's diameter at _BOX_LEVEL
     sigma_x = extent / (2 * _BOX_RADIUS)
     sigma_y = sigma_x * rng.uniform(0.9, 1.4)
     blobs = [_Blob(0.0, 0.0, sigma_x, sigma_y, 1.0)]
-    for _ in range(int(rng.integers(0, 3))):
+    for _ in range(int(rng.integers(0, max_extra_blobs + 1))):
         size = rng.uniform(0.5, 0.8)
         dx, dy = rng.uniform(-0.8, 0.8, size=2) * (sigma_x, sigma_y)
         blobs.append(_Blob(dx, dy, size * sigma_x, size * sigma_y, rng.uniform(0.6, 1.0)))
@@ -239,7 +270,7 @@ def _add_opacity(
         gy = np.exp(-0.5 * ((ys - cy - blob.dy) / blob.sigma_y) ** 2)
         np.maximum(opacity, blob.weight * np.outer(gy, gx), out=opacity)
     opacity /= opacity.max()
-    image[top:bottom, left:right] += rng.uniform(40, 80) * opacity
+    image[top:bottom, left:right] += rng.uniform(*peak_range) * opacity
 
     rows, cols = np.nonzero(opacity >= _BOX_LEVEL)
     x0, x1 = left + int(cols.min()), left + int(cols.max()) + 1

@@ -1,4 +1,7 @@
-"""Metrics, confidence intervals, plot tables and figures for the `evaluate` stage.
+"""Metrics, confidence intervals and plot tables for the `evaluate` stage.
+
+Numbers only: the figures drawn from them live in `cxr.figures`, so this module needs no
+plotting library.
 
 Labels are 0 = NORMAL, 1 = PNEUMONIA; probabilities are P(PNEUMONIA); an image is predicted
 positive when its probability is >= the threshold, the same rule as sklearn's `roc_curve`.
@@ -8,17 +11,13 @@ The threshold is chosen on validation data only, and then applied unchanged to t
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from collections.abc import Hashable, Iterable
 
-import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
-from scipy.stats import rankdata
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
-    ConfusionMatrixDisplay,
     accuracy_score,
     average_precision_score,
     brier_score_loss,
@@ -31,10 +30,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from cxr.atomic import atomic_path
 from cxr.dataset import CLASSES
-
-matplotlib.use("Agg")  # stages run headless; figures are only ever written to files
 
 DIGITS = 5
 
@@ -87,34 +83,77 @@ def classification_metrics(
 def expected_calibration_error(labels: ArrayLike, probs: ArrayLike, bins: int) -> float:
     """How far predicted probabilities are from observed frequencies, weighted by bin size."""
     labels, probs = _arrays(labels, probs)
-    table = _calibration_table(labels, probs, bins)
+    table = calibration_table(labels, probs, bins)
     gaps = (table["fraction_positive"] - table["mean_predicted"]).abs()
     return float((gaps * table["count"]).sum() / labels.size)
 
 
 def bootstrap_intervals(
-    labels: ArrayLike, probs: ArrayLike, threshold: float, resamples: int, seed: int
+    labels: ArrayLike,
+    probs: ArrayLike,
+    groups: Iterable[Hashable],
+    threshold: float,
+    resamples: int,
+    seed: int,
 ) -> dict[str, list[float | None]]:
-    """95% percentile intervals, so a reader can tell a real difference from sampling noise."""
+    """95% percentile intervals, so a reader can tell a real difference from sampling noise.
+
+    A cluster bootstrap over patients: `groups` names each image's patient (any hashable), and
+    each resample draws as many patients as there are, with replacement, keeping all images of
+    each drawn patient. Images of one patient are not independent (same lungs, same disease,
+    often the same visit), so resampling images would treat a patient's second film as new
+    evidence and give intervals that are too narrow; the patient is the unit that was sampled.
+
+    Patients are numbered in order of first appearance, so the draws for a seed do not depend on
+    how the ids are spelled. A drawn patient's images enter a resample with the number of times
+    the patient was drawn as their weight, which keeps all resamples in one array although they
+    hold different numbers of images.
+    """
+    labels, probs = _arrays(labels, probs)
+    patients, _ = pd.factorize(pd.Series(list(groups), dtype=object))
+    if patients.size != labels.size:
+        raise ValueError(f"{patients.size} patient ids for {labels.size} images")
+    if (patients < 0).any():  # factorize codes a missing id as -1
+        raise ValueError("every image needs a patient id; some are missing")
     if resamples == 0:
         return {}
-    labels, probs = _arrays(labels, probs)
+    count = int(patients.max()) + 1
     rng = np.random.default_rng(seed)
-    rows = rng.integers(0, labels.size, size=(resamples, labels.size))  # one resample per row
-    y, scores = labels[rows], probs[rows]
-    preds = _predict(scores, threshold)
-    positives = y.sum(axis=1)
-    negatives = labels.size - positives
-    # roc_auc_score in a loop takes seconds; the Mann-Whitney form is the same AUC (ties get
-    # half credit through mid-ranks), computed for all resamples at once.
-    rank_sums = (rankdata(scores, axis=1) * y).sum(axis=1)
+    drawn = rng.integers(0, count, size=(resamples, count))  # one resample per row
+    # How often each patient was drawn in each resample, via one bincount over offset ids.
+    offsets = drawn + count * np.arange(resamples)[:, None]
+    times_drawn = np.bincount(offsets.ravel(), minlength=resamples * count)
+    weights = times_drawn.reshape(resamples, count)[:, patients].astype(float)  # (resamples, N)
+
+    positive, preds = labels == 1, _predict(probs, threshold)
+    positives = weights @ positive
+    negatives = weights @ ~positive
     samples = {
-        "roc_auc": _ratio(rank_sums - positives * (positives + 1) / 2, positives * negatives),
-        "sensitivity": _ratio((preds & (y == 1)).sum(axis=1), positives),
-        "specificity": _ratio((~preds & (y == 0)).sum(axis=1), negatives),
-        "accuracy": (preds == (y == 1)).mean(axis=1),
+        "roc_auc": _ratio(_weighted_mann_whitney(weights, positive, probs), positives * negatives),
+        "sensitivity": _ratio(weights @ (preds & positive), positives),
+        "specificity": _ratio(weights @ (~preds & ~positive), negatives),
+        "accuracy": (weights @ (preds == positive)) / weights.sum(axis=1),
     }
     return {name: _percentile_interval(values) for name, values in samples.items()}
+
+
+def _weighted_mann_whitney(
+    weights: np.ndarray, positive: np.ndarray, probs: np.ndarray
+) -> np.ndarray:
+    """Per resample, the weighted count of (positive, negative) pairs the scores rank correctly.
+
+    Divided by (positive weight x negative weight) it is the ROC AUC: the Mann-Whitney U of the
+    resample with each image repeated `weight` times, tied scores counting half, as sklearn
+    does. Scores are the same in every resample, so images are sorted and grouped into distinct
+    scores once and only the weights change; roc_auc_score in a loop would take seconds.
+    """
+    order = np.argsort(probs, kind="stable")
+    scores, positive, weights = probs[order], positive[order], weights[:, order]
+    starts = np.flatnonzero(np.diff(scores, prepend=-np.inf))  # first image of each score
+    positive_mass = np.add.reduceat(weights * positive, starts, axis=1)
+    negative_mass = np.add.reduceat(weights * ~positive, starts, axis=1)
+    negative_below = np.cumsum(negative_mass, axis=1) - negative_mass
+    return (positive_mass * (negative_below + negative_mass / 2)).sum(axis=1)
 
 
 def curve_tables(
@@ -130,7 +169,7 @@ def curve_tables(
             {"fpr": fpr, "tpr": tpr, "threshold": np.clip(roc_thresholds, 0.0, 1.0)}
         ),
         "pr": pd.DataFrame({"recall": recall, "precision": precision}),
-        "calibration": _calibration_table(labels, probs, calibration_bins),
+        "calibration": calibration_table(labels, probs, calibration_bins),
         # DVC's confusion template counts rows, so one row per image.
         "confusion": pd.DataFrame(
             {"actual": names[labels], "predicted": names[_predict(probs, threshold).astype(int)]}
@@ -138,90 +177,8 @@ def curve_tables(
     }
 
 
-def save_figures(
-    folder: Path,
-    split: str,
-    labels: ArrayLike,
-    probs: ArrayLike,
-    threshold: float,
-    calibration_bins: int,
-) -> list[Path]:
-    """Static PNGs for reports and MLflow, where DVC's interactive plots are not available.
-
-    Figures are built as plain `Figure` objects, never registered with pyplot, so there is no
-    global figure to close and a long run cannot accumulate them.
-    """
-    labels, probs = _arrays(labels, probs)
-    figures = {
-        "roc": _roc_figure(split, labels, probs, threshold),
-        "pr": _pr_figure(split, labels, probs),
-        "confusion": _confusion_figure(split, labels, probs, threshold),
-        "calibration": _calibration_figure(split, labels, probs, calibration_bins),
-    }
-    paths = []
-    for name, figure in figures.items():
-        path = Path(folder) / f"{split}_{name}.png"
-        with atomic_path(path) as tmp:
-            figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        paths.append(path)
-    return paths
-
-
-def _roc_figure(split: str, labels: np.ndarray, probs: np.ndarray, threshold: float) -> Figure:
-    fpr, tpr, _ = roc_curve(labels, probs)
-    tn, fp, fn, tp = _confusion(labels, _predict(probs, threshold))
-    figure = Figure(figsize=(5, 5))
-    ax = figure.subplots()
-    ax.plot(fpr, tpr, label=f"ROC (AUC = {roc_auc_score(labels, probs):.3f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="chance")
-    ax.plot(fp / (fp + tn), tp / (tp + fn), "o", color="C3", label=f"threshold {threshold:.3f}")
-    ax.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", title=f"ROC - {split}")
-    ax.legend(loc="lower right")
-    return figure
-
-
-def _pr_figure(split: str, labels: np.ndarray, probs: np.ndarray) -> Figure:
-    precision, recall, _ = precision_recall_curve(labels, probs)
-    figure = Figure(figsize=(5, 5))
-    ax = figure.subplots()
-    ax.plot(recall, precision, label=f"PR (AP = {average_precision_score(labels, probs):.3f})")
-    ax.axhline(labels.mean(), color="k", ls="--", lw=1, label="prevalence (chance)")
-    ax.set(xlabel="recall", ylabel="precision", ylim=(0, 1.02), title=f"Precision-recall - {split}")
-    ax.legend(loc="lower left")
-    return figure
-
-
-def _confusion_figure(
-    split: str, labels: np.ndarray, probs: np.ndarray, threshold: float
-) -> Figure:
-    matrix = confusion_matrix(labels, _predict(probs, threshold), labels=[0, 1])
-    row_share = _ratio(matrix, matrix.sum(axis=1, keepdims=True))
-    figure = Figure(figsize=(5, 4.5))
-    ax = figure.subplots()
-    display = ConfusionMatrixDisplay(matrix, display_labels=list(CLASSES))
-    display.plot(ax=ax, cmap="Blues", colorbar=False)
-    for (i, j), text in np.ndenumerate(display.text_):
-        text.set_text(f"{matrix[i, j]}\n({100 * row_share[i, j]:.1f}%)")
-    ax.set_title(f"Confusion - {split} (threshold {threshold:.3f})")
-    return figure
-
-
-def _calibration_figure(split: str, labels: np.ndarray, probs: np.ndarray, bins: int) -> Figure:
-    table = _calibration_table(labels, probs, bins)
-    ece = expected_calibration_error(labels, probs, bins)
-    figure = Figure(figsize=(5, 6))
-    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
-    top.plot([0, 1], [0, 1], "k--", lw=1, label="perfectly calibrated")
-    top.plot(table["mean_predicted"], table["fraction_positive"], "o-", label="model")
-    top.set(ylabel="fraction PNEUMONIA", ylim=(-0.02, 1.02))
-    top.set_title(f"Calibration - {split} (ECE = {ece:.3f})")
-    top.legend(loc="upper left")
-    bottom.hist(probs, bins=bins, range=(0, 1), color="C0", edgecolor="white")
-    bottom.set(xlabel="predicted P(PNEUMONIA)", ylabel="images", xlim=(0, 1))
-    return figure
-
-
-def _calibration_table(labels: np.ndarray, probs: np.ndarray, bins: int) -> pd.DataFrame:
+def calibration_table(labels: np.ndarray, probs: np.ndarray, bins: int) -> pd.DataFrame:
+    """Filled uniform bins with their image counts, which ECE and the reliability plot need."""
     fraction, mean = calibration_curve(labels, probs, n_bins=bins, strategy="uniform", pos_label=1)
     # calibration_curve drops empty bins and returns no counts; bin the same way it does.
     edges = np.linspace(0.0, 1.0, bins + 1)

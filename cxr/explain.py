@@ -1,30 +1,22 @@
 """Grad-CAM maps for the pneumonia logit, and the numbers that say whether to trust them.
 
-The CAM math, the faithfulness metrics and the heatmap colouring all come from the grad-cam
-package (pytorch_grad_cam); this module only wires them to a 1-channel, 1-logit model and adds
-the checks a heatmap needs before anyone reads meaning into it: localization against lesion
-boxes (pointing game, energy in box), faithfulness (ROAD, confidence change) and a model
-randomization sanity check.
+The CAM math and the faithfulness metrics come from the grad-cam package (pytorch_grad_cam);
+this module only wires them to a 1-channel, 1-logit model and adds the checks a heatmap needs
+before anyone reads meaning into it: localization against lesion boxes (pointing game, energy
+in box), faithfulness (ROAD, confidence change) and a model randomization sanity check, scored
+on a class-stratified sample of images. Drawing the maps is left to `cxr.figures`, so this
+module holds numbers only.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-import math
 import warnings
 from collections.abc import Callable
-from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
 
 import numpy as np
 import torch
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from pytorch_grad_cam import (
     EigenCAM,
     GradCAM,
@@ -35,12 +27,9 @@ from pytorch_grad_cam import (
 )
 from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
 from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostRelevantFirst
-from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 from scipy.stats import spearmanr
 from torch import nn
-
-from cxr.atomic import atomic_path
 
 CAM_METHODS: dict[str, type] = {
     "gradcam": GradCAM,
@@ -60,8 +49,35 @@ ROAD_PERCENTILES = (20, 40, 60, 80)
 ROAD_SEED = 0
 # Images per forward pass in faithfulness, to bound memory like compute_cams does.
 METRIC_BATCH = 16
-PANEL_PX = 256
-DPI = 100
+
+
+def scoring_sample(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Sorted row indices of `count` images (all if fewer) to score the maps on, seeded.
+
+    Rows are drawn without replacement within each class, in proportion to class frequency
+    (largest remainders get the rows that rounding down leaves), and every class present gets at
+    least one row when `count` allows: split files are ordered by class, so the first rows would
+    score one class only, and maps of NORMAL images say nothing about finding pneumonia.
+    """
+    labels = np.asarray(labels).ravel()
+    if count < 0:
+        raise ValueError(f"cannot sample {count} rows")
+    if count >= labels.size:
+        return np.arange(labels.size)
+    classes, class_of, sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    quotas = count * sizes / labels.size
+    taken = np.floor(quotas).astype(int)
+    taken[np.argsort(taken - quotas, kind="stable")[: count - taken.sum()]] += 1
+    if count >= classes.size:
+        for missing in np.flatnonzero(taken == 0):  # from the largest class, which has >= 2
+            taken[np.argmax(taken)] -= 1
+            taken[missing] = 1
+    rng = np.random.default_rng(seed)
+    rows = [
+        rng.choice(np.flatnonzero(class_of == c), size=k, replace=False)
+        for c, k in enumerate(taken)
+    ]
+    return np.sort(np.concatenate(rows))
 
 
 def _pneumonia_targets(count: int) -> list[BinaryClassifierOutputTarget]:
@@ -283,63 +299,3 @@ def _reinitialized(model: nn.Module, seed: int) -> nn.Module:
             elif id(parameter) not in reset:
                 nn.init.normal_(parameter, std=0.02)
     return model
-
-
-def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
-    """uint8 (H, W) X-ray under a jet heatmap of the map, as uint8 (H, W, 3) RGB."""
-    rgb = np.repeat(image[..., None].astype(np.float32) / 255.0, 3, axis=-1)
-    return show_cam_on_image(rgb, cam, use_rgb=True)
-
-
-def _show(axes: Axes, picture: np.ndarray, title: str = "", box: Box | None = None) -> None:
-    axes.imshow(picture, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    axes.set_axis_off()
-    if title:
-        axes.set_title(title, fontsize=9)
-    if box is not None:
-        x0, y0, x1, y1 = box
-        # Pixel centres sit on integers, so a box's outer edge is half a pixel out.
-        outline = Rectangle(
-            (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5
-        )
-        axes.add_patch(outline)
-
-
-def _save(figure: Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=DPI)
-
-
-def save_panel(
-    path: Path, image: np.ndarray, cam: np.ndarray, title: str, box: Box | None = None
-) -> None:
-    """X-ray and overlay side by side at ~256 px each, so even 64 px inputs are readable."""
-    side = PANEL_PX / DPI
-    figure = Figure(figsize=(2 * side, side + 0.45), layout="constrained")
-    left, right = figure.subplots(1, 2)
-    _show(left, image, box=box)
-    _show(right, overlay(image, cam), box=box)
-    figure.suptitle(title, fontsize=10)
-    _save(figure, path)
-
-
-def save_montage(
-    path: Path,
-    images: list[np.ndarray],
-    cams: list[np.ndarray],
-    titles: list[str],
-    columns: int = 4,
-) -> None:
-    """All overlays in one grid, to compare many cases at a glance."""
-    if not images or not len(images) == len(cams) == len(titles):
-        raise ValueError("montage needs equally many images, maps and titles, at least one")
-    columns = min(columns, len(images))
-    rows = math.ceil(len(images) / columns)
-    side = PANEL_PX / DPI
-    figure = Figure(figsize=(columns * side, rows * (side + 0.3)), layout="constrained")
-    grid = np.atleast_1d(figure.subplots(rows, columns)).ravel()
-    for axes, image, cam, title in zip(grid, images, cams, titles, strict=False):
-        _show(axes, overlay(image, cam), title)
-    for axes in grid[len(images) :]:
-        axes.set_axis_off()
-    _save(figure, path)

@@ -20,6 +20,7 @@ from torch import nn
 from cxr.atomic import atomic_path
 from cxr.dataset import CLASSES
 from cxr.images import ResizeMode, load_square
+from cxr.params import ParamsError
 
 # Stored beside the model by the evaluate stage, which picks the threshold (and whether to
 # average over a horizontal flip) on validation data.
@@ -35,14 +36,14 @@ def create_model(arch: str, pretrained: str, drop_rate: float = 0.0) -> nn.Modul
     """
     options = {"num_classes": 1, "in_chans": 1, "drop_rate": drop_rate}
     if not timm.is_model(arch):
-        raise ValueError(f"model.arch: unknown timm architecture {arch!r}")
+        raise ParamsError(f"model.arch: unknown timm architecture {arch!r}")
     if pretrained == "none":
         return timm.create_model(arch, pretrained=False, **options)
     if pretrained == "imagenet":
         return timm.create_model(arch, pretrained=True, **options)
     weights = Path(pretrained)
     if not weights.is_file():
-        raise FileNotFoundError(f"model.pretrained: weights file {weights} not found")
+        raise ParamsError(f"model.pretrained: weights file {weights} not found")
     # timm loads adapted weights non-strictly and only logs what did not fit; treat that as an
     # error, except for the classifier head, which is replaced by design.
     report, timm_logger = _KeyReport(), logging.getLogger("timm.models._builder")
@@ -55,7 +56,9 @@ def create_model(arch: str, pretrained: str, drop_rate: float = 0.0) -> nn.Modul
         )
     except (RuntimeError, KeyError, ValueError, OSError) as err:
         first_line = str(err).strip().splitlines()[0]
-        raise ValueError(f"model.pretrained: {weights} does not fit {arch}: {first_line}") from None
+        raise ParamsError(
+            f"model.pretrained: {weights} does not fit {arch}: {first_line}"
+        ) from None
     finally:
         timm_logger.removeHandler(report)
         timm_logger.setLevel(level)
@@ -63,7 +66,7 @@ def create_model(arch: str, pretrained: str, drop_rate: float = 0.0) -> nn.Modul
     misfits = sorted(set(report.keys) - head)
     if misfits:
         listed = ", ".join(misfits[:3]) + (", ..." if len(misfits) > 3 else "")
-        raise ValueError(
+        raise ParamsError(
             f"model.pretrained: {weights} does not fit {arch}: {len(misfits)} weights missing or "
             f"unexpected ({listed})"
         )
@@ -121,13 +124,16 @@ class Classifier:
     flip_tta: bool = False
 
     @classmethod
-    def load(cls, path: Path, device: str = "cpu") -> Classifier:
+    def load(
+        cls, path: Path, device: str = "cpu", threshold_file: Path | None = None
+    ) -> Classifier:
+        """The model file, and the decision settings stored beside it unless named otherwise."""
         saved = torch.load(path, map_location="cpu", weights_only=True)
         card = ModelCard(**{**saved["card"], "class_names": tuple(saved["card"]["class_names"])})
         model = create_model(card.arch, "none")
         model.load_state_dict(saved["state_dict"])
         model.to(device).eval()
-        threshold_file = path.parent / THRESHOLD_FILE
+        threshold_file = threshold_file or path.parent / THRESHOLD_FILE
         decision = {"threshold": 0.5}
         if threshold_file.is_file():
             decision = json.loads(threshold_file.read_text())

@@ -1,132 +1,126 @@
 """Typed, validated access to params.yaml.
 
-`dvc exp run -S lr=1e-5` rewrites params.yaml with YAML 1.2 spellings such as `1e-05`, which
-PyYAML (YAML 1.1) reads back as the *string* "1e-05". Every value is therefore coerced to the
-type declared below, and every key is checked, before a stage does any work: a typo or an
-out-of-range value stops the run with a message naming the key.
+`dvc exp run -S lr=1e-5` writes YAML 1.2 spellings such as `1e-05`, which PyYAML (YAML 1.1)
+reads back as the *string* "1e-05". pydantic's lax mode turns such strings into the declared
+type, and every key is checked before a stage does any work: an unknown key, a missing key, a
+wrong type or an out-of-range value stops the run with a message naming the key.
+
+Two kinds of settings live in the file. The sections a stage declares in dvc.yaml change what
+it computes. `runtime` and `mlflow` only change how or where the work runs (device, threads,
+resume, tracking server): no stage declares them, so changing them never makes a stage stale.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PARAMS_FILE = Path("params.yaml")
+# Sections that do not change any result; tests/test_contracts.py keeps them out of dvc.yaml.
+RUN_ONLY_SECTIONS = ("runtime", "mlflow")
+
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Count = Annotated[int, Field(ge=0)]
 
 
 class ParamsError(ValueError):
     """A missing, unknown or invalid entry in params.yaml."""
 
 
-def _range(
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    open_low: bool = False,
-    open_high: bool = False,
-):
-    return {"low": low, "high": high, "open_low": open_low, "open_high": open_high}
+class Section(BaseModel):
+    # Lax parsing ("1e-05" -> 1e-05, "false" -> False), no unknown keys, no mutation.
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 
-@dataclass(frozen=True)
-class DataParams:
+class DataParams(Section):
     source: Literal["demo", "kaggle", "url", "local"]
-    demo_patients: int = field(metadata=_range(8))
-    demo_seed: int = field(metadata=_range(0))
-    demo_min_side: int = field(metadata=_range(32))
-    demo_max_side: int = field(metadata=_range(32))
+    demo_patients: Annotated[int, Field(ge=8)]
+    demo_seed: Count
+    demo_min_side: Annotated[int, Field(ge=32)]
+    demo_max_side: Annotated[int, Field(ge=32)]
     local_path: str
     url: str
     url_sha256: str
     kaggle_dataset: str
 
 
-@dataclass(frozen=True)
-class SplitParams:
-    val_fraction: float = field(metadata=_range(0.0, 0.5, open_low=True))
-    seed: int = field(metadata=_range(0))
+class SplitParams(Section):
+    val_fraction: Annotated[float, Field(gt=0, le=0.5)]
+    seed: Count
     drop_test_patient_overlap: bool
 
 
-@dataclass(frozen=True)
-class PreprocessParams:
+class PreprocessParams(Section):
     resize: Literal["pad", "crop", "stretch"]
-    workers: int = field(metadata=_range(0))
 
 
-@dataclass(frozen=True)
-class ModelParams:
+class ModelParams(Section):
     arch: str
     pretrained: str
-    drop_rate: float = field(metadata=_range(0.0, 0.9))
+    drop_rate: Annotated[float, Field(ge=0, le=0.9)]
 
 
-@dataclass(frozen=True)
-class AugmentParams:
-    rotation_deg: float = field(metadata=_range(0.0, 45.0))
-    zoom: float = field(metadata=_range(0.0, 0.5))
-    translate: float = field(metadata=_range(0.0, 0.3))
+class AugmentParams(Section):
+    rotation_deg: Annotated[float, Field(ge=0, le=45)]
+    zoom: Annotated[float, Field(ge=0, le=0.5)]
+    translate: Annotated[float, Field(ge=0, le=0.3)]
     hflip: bool
-    brightness: float = field(metadata=_range(0.0, 0.5))
-    contrast: float = field(metadata=_range(0.0, 0.5))
+    brightness: Annotated[float, Field(ge=0, le=0.5)]
+    contrast: Annotated[float, Field(ge=0, le=0.5)]
 
 
-@dataclass(frozen=True)
-class TrainParams:
-    freeze_epochs: int = field(metadata=_range(0))
-    min_lr: float = field(metadata=_range(0.0))
-    weight_decay: float = field(metadata=_range(0.0))
+class TrainParams(Section):
+    freeze_epochs: Count
+    min_lr: NonNegative
+    weight_decay: NonNegative
     imbalance: Literal["pos_weight", "sampler", "none"]
-    patience: int = field(metadata=_range(1))
-    label_smoothing: float = field(metadata=_range(0.0, 0.4))
-    ema_decay: float = field(metadata=_range(0.0, 1.0, open_high=True))
-    augment: AugmentParams
-    device: Literal["auto", "cuda", "mps", "cpu"]
+    patience: Annotated[int, Field(ge=1)]
+    label_smoothing: Annotated[float, Field(ge=0, le=0.4)]
+    ema_decay: Annotated[float, Field(ge=0, lt=1)]
     precision: Literal["auto", "bf16", "fp16", "fp32"]
+    augment: AugmentParams
+
+
+class EvaluateParams(Section):
+    flip_tta: bool
+    threshold: Literal["fixed", "youden", "sensitivity"]
+    fixed_threshold: Annotated[float, Field(ge=0, le=1)]
+    target_sensitivity: Annotated[float, Field(gt=0, le=1)]
+    bootstrap: Count
+    calibration_bins: Annotated[int, Field(ge=2)]
+
+
+class GradcamParams(Section):
+    method: Literal["gradcam", "gradcam++", "hirescam", "eigencam", "xgradcam", "layercam"]
+    target_layer: str
+    per_outcome: Annotated[int, Field(ge=1)]
+    score_images: Annotated[int, Field(ge=2)]
+
+
+class RuntimeParams(Section):
+    device: Literal["auto", "cuda", "mps", "cpu"]
     channels_last: bool
     compile: bool
-    threads: int = field(metadata=_range(0))
+    threads: Count
+    workers: Count
     resume: bool
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    flip_tta: bool
-    threshold: Literal["fixed", "youden", "sensitivity"]
-    fixed_threshold: float = field(metadata=_range(0.0, 1.0))
-    target_sensitivity: float = field(metadata=_range(0.0, 1.0, open_low=True))
-    bootstrap: int = field(metadata=_range(0))
-    calibration_bins: int = field(metadata=_range(2))
-
-
-@dataclass(frozen=True)
-class GradcamParams:
-    method: Literal["gradcam", "gradcam++", "hirescam", "eigencam", "xgradcam", "layercam"]
-    target_layer: str
-    per_outcome: int = field(metadata=_range(1))
-    score_images: int = field(metadata=_range(1))
-
-
-@dataclass(frozen=True)
-class MlflowParams:
+class MlflowParams(Section):
     experiment: str
     tracking_uri: str
 
 
-@dataclass(frozen=True)
-class Params:
-    seed: int = field(metadata=_range(0))
-    image_size: int = field(metadata=_range(16, 1024))
-    lr: float = field(metadata=_range(0.0, 1.0, open_low=True))
-    epochs: int = field(metadata=_range(1))
-    batch_size: int = field(metadata=_range(1))
+class Params(Section):
+    seed: Count
+    image_size: Annotated[int, Field(ge=16, le=1024)]
+    lr: Annotated[float, Field(gt=0, le=1)]
+    epochs: Annotated[int, Field(ge=1)]
+    batch_size: Annotated[int, Field(ge=1)]
     data: DataParams
     split: SplitParams
     preprocess: PreprocessParams
@@ -134,19 +128,22 @@ class Params:
     train: TrainParams
     evaluate: EvaluateParams
     gradcam: GradcamParams
+    runtime: RuntimeParams
     mlflow: MlflowParams
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
         if self.data.demo_min_side > self.data.demo_max_side:
-            raise ParamsError("data.demo_min_side must not exceed data.demo_max_side")
+            raise ValueError("data.demo_min_side must not exceed data.demo_max_side")
         if self.train.freeze_epochs > self.epochs:
-            raise ParamsError("train.freeze_epochs must not exceed epochs")
+            raise ValueError("train.freeze_epochs must not exceed epochs")
         if self.data.source == "url" and not (self.data.url and self.data.url_sha256):
-            raise ParamsError("data.source=url needs data.url and data.url_sha256")
+            raise ValueError("data.source=url needs data.url and data.url_sha256")
+        return self
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
-    """Read, coerce and validate params.yaml; raise ParamsError naming the offending key."""
+    """Read and validate params.yaml; raise ParamsError naming every offending key."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -154,101 +151,34 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
         raise ParamsError(f"{path} not found (run from the repository root)") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {err}") from None
-    return _build(Params, raw, prefix="")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(f"{path}: " + "; ".join(map(_describe, err.errors()))) from None
 
 
-def as_flat_dict(params: Params) -> dict[str, Any]:
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "missing":
+        return f"{key}: missing key"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    message = error["msg"].removeprefix("Value error, ")
+    if not key:  # a check across keys: the message names them
+        return message
+    return f"{key}: {message}, got {error['input']!r}"
+
+
+def as_flat_dict(params: BaseModel) -> dict[str, Any]:
     """`train.augment.hflip`-style keys, as MLflow and people read them."""
     flat: dict[str, Any] = {}
 
-    def walk(node: Any, prefix: str) -> None:
-        for f in dataclasses.fields(node):
-            value = getattr(node, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for name, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{name}.")
             else:
-                flat[f"{prefix}{f.name}"] = value
+                flat[f"{prefix}{name}"] = value
 
-    walk(params, "")
+    walk(params.model_dump(), "")
     return flat
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "params.yaml"
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{where}: expected a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        names = ", ".join(f"{prefix}{k}" for k in unknown)
-        raise ParamsError(f"unknown key(s) in params.yaml: {names}")
-    missing = sorted(set(fields) - set(raw))
-    if missing:
-        names = ", ".join(f"{prefix}{k}" for k in missing)
-        raise ParamsError(f"missing key(s) in params.yaml: {names}")
-    values = {}
-    for name, value in raw.items():
-        key = f"{prefix}{name}"
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value, prefix=f"{key}.")
-        else:
-            values[name] = _coerce(key, hint, value)
-            _check_range(key, values[name], fields[name].metadata)
-    return cls(**values)
-
-
-def _coerce(key: str, hint: Any, value: Any) -> Any:
-    if typing.get_origin(hint) is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ParamsError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        number = _number(value)
-        if number is not None and number.is_integer():
-            return int(number)
-    elif hint is float:
-        number = _number(value)
-        if number is not None and math.isfinite(number):
-            return number
-    elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        if value is None:
-            return ""
-    name = hint.__name__ if isinstance(hint, type) else str(hint)
-    raise ParamsError(f"{key}: expected {name}, got {value!r} ({type(value).__name__})")
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return None
-    return None
-
-
-def _check_range(key: str, value: Any, bounds: types.MappingProxyType) -> None:
-    if not bounds:
-        return
-    low, high = bounds["low"], bounds["high"]
-    if low is not None and (value < low or (bounds["open_low"] and value == low)):
-        op = ">" if bounds["open_low"] else ">="
-        raise ParamsError(f"{key}: {value!r} is out of range (must be {op} {low})")
-    if high is not None and (value > high or (bounds["open_high"] and value == high)):
-        op = "<" if bounds["open_high"] else "<="
-        raise ParamsError(f"{key}: {value!r} is out of range (must be {op} {high})")

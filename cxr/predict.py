@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from cxr.dataset import IMAGE_SUFFIXES
-from cxr.explain import CAM_METHODS, compute_cams, resolve_target_layer, save_panel
+from cxr.explain import CAM_METHODS, compute_cams, resolve_target_layer
+from cxr.figures import save_panel
 from cxr.images import ImageDecodeError
 from cxr.model import Classifier
 
@@ -60,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: model file {args.model} not found (run `dvc repro` first)", file=sys.stderr)
         return 2
     classifier = Classifier.load(args.model)
-    layer = None if args.no_cam else resolve_target_layer(classifier.model, args.target_layer)
+    try:
+        layer = None if args.no_cam else resolve_target_layer(classifier.model, args.target_layer)
+    except ValueError as err:
+        print(f"error: --target-layer: {err}", file=sys.stderr)
+        return 2
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
     tta = ", flip TTA" if classifier.flip_tta else ""

@@ -1,8 +1,9 @@
 """The preprocessed dataset: one uint8 array per split, decoded once, read at memory speed.
 
-Layout of data/processed/: `{train,val,test}.npy` (N x size x size, uint8, memory-mappable),
-`index.csv` (one row per array row: split, row, path, label, patient_id, width, height),
-`stats.json` (normalization and how the images were made square), `rejected.csv`.
+Layout of the folder (data/processed/ in dvc.yaml): `{train,val,test}.npy` (N x size x size,
+uint8, memory-mappable), `index.csv` (one row per array row: split, row, path, label,
+patient_id, width, height), `stats.json` (normalization and how the images were made square),
+`rejected.csv`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from tqdm import tqdm
 from cxr.dataset import CLASSES
 from cxr.images import ImageDecodeError, ResizeMode, load_square
 
-PROCESSED_DIR = Path("data/processed")
 SPLITS = ("train", "val", "test")
 
 
@@ -92,7 +92,7 @@ class ProcessedSplit:
     index: pd.DataFrame
 
 
-def load_split(split: str, folder: Path = PROCESSED_DIR) -> ProcessedSplit:
+def load_split(split: str, folder: Path) -> ProcessedSplit:
     index = pd.read_csv(folder / "index.csv", keep_default_na=False)
     rows = index[index["split"] == split].sort_values("row").reset_index(drop=True)
     images = np.load(folder / f"{split}.npy", mmap_mode="r")
@@ -102,5 +102,5 @@ def load_split(split: str, folder: Path = PROCESSED_DIR) -> ProcessedSplit:
     return ProcessedSplit(images, labels, rows)
 
 
-def load_stats(folder: Path = PROCESSED_DIR) -> dict:
+def load_stats(folder: Path) -> dict:
     return json.loads((folder / "stats.json").read_text())

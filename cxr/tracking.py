@@ -3,18 +3,36 @@
 The default store is `<project>/mlruns/mlflow.db` (SQLite) with artifacts beside it. DVC runs
 queued and `--temp` experiments in a copy of the repository under `.dvc/tmp/exps/`, but sets
 DVC_ROOT to the original project for them, so those runs land in the same store as the rest.
+
+`dvc queue start -j N` runs several stages at once against that store, so opening it and getting
+the experiment are made safe for concurrent processes, and each evaluate or gradcam execution
+writes to a run of its own (a child of the training run) instead of rewriting the training run.
+
+This module takes plain values (names, URIs, flat dicts) so it does not depend on how the
+params are modelled.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 import mlflow
 import yaml
+from filelock import FileLock
+from mlflow.entities import LifecycleStage, Run
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import (
+    RESOURCE_ALREADY_EXISTS,
+    RESOURCE_DOES_NOT_EXIST,
+    ErrorCode,
+)
 
-from cxr.params import Params, as_flat_dict
+# Creating the SQLite schema runs every alembic migration, which takes seconds; a generous bound
+# still turns a wedged lock holder into an error instead of a stage that hangs forever.
+STORE_LOCK_TIMEOUT_S = 300.0
 
 
 def project_root() -> Path:
@@ -27,22 +45,63 @@ def tracking_uri(configured: str) -> str:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    store = project_root() / "mlruns"
+    store = _default_store()
     store.mkdir(exist_ok=True)
-    return f"sqlite:///{store / 'mlflow.db'}"
+    return _sqlite_uri(store)
 
 
-def use_experiment(params: Params) -> str:
-    """Point MLflow at the store and experiment; return the experiment id."""
-    uri = tracking_uri(params.mlflow.tracking_uri)
+def use_experiment(experiment: str, configured_uri: str) -> str:
+    """Point MLflow at the store and get or create `experiment`; return its id.
+
+    Safe when several stage processes do it at once: on a SQLite store a file lock beside the
+    database covers the first connection (which creates or migrates the schema: two processes
+    doing that at once fail in alembic) and the look-up-then-create; on any store (a team's
+    tracking server) a create that loses the race re-reads the experiment the winner made.
+    """
+    uri = tracking_uri(configured_uri)
     mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifacts = None
-    if uri.startswith("sqlite:///") and not params.mlflow.tracking_uri:
-        artifacts = (project_root() / "mlruns" / "artifacts").as_uri()
-    return mlflow.create_experiment(params.mlflow.experiment, artifact_location=artifacts)
+    if not uri.startswith("sqlite:///"):
+        return _get_or_create_experiment(mlflow.MlflowClient(uri), experiment, None)
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    store = _default_store()
+    artifacts = (store / "artifacts").as_uri() if uri == _sqlite_uri(store) else None
+    with FileLock(f"{database}.lock", timeout=STORE_LOCK_TIMEOUT_S):
+        # Creating the client opens the store: the first time in a process, that connects and
+        # creates or migrates the schema (later clients reuse the process's cached store).
+        client = mlflow.MlflowClient(uri)
+        return _get_or_create_experiment(client, experiment, artifacts)
+
+
+def start_stage_run(
+    experiment: str, configured_uri: str, training_run_id: str, stage: str
+) -> mlflow.ActiveRun:
+    """A new run for one execution of `stage`, nested under the run that trained the model.
+
+    A fresh run per execution keeps the training run as it was when the model was made: DVC
+    reuses a cached train stage across experiments, so logging into the training run would let
+    each new evaluation overwrite the last one's metrics, and two queued experiments could
+    write into one run. The child sits in the training run's experiment so MLflow shows it
+    under its parent. A model trained against another store gets a top-level run in
+    `experiment` that names the missing run.
+    """
+    experiment_id = use_experiment(experiment, configured_uri)
+    tags = {**run_tags(), "dvc.stage": stage}
+    if training_run_id:
+        tags["training_run_id"] = training_run_id
+    parent = _training_run(mlflow.MlflowClient(mlflow.get_tracking_uri()), training_run_id)
+    if parent is None:
+        print(
+            f"MLflow run {training_run_id!r} is not in {mlflow.get_tracking_uri()}: "
+            f"logging {stage} to a new top-level run"
+        )
+        return mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags)
+    return mlflow.start_run(
+        experiment_id=parent.info.experiment_id,
+        run_name=stage,
+        parent_run_id=parent.info.run_id,
+        tags=tags,
+    )
 
 
 def run_tags() -> dict[str, str]:
@@ -71,8 +130,49 @@ def data_hashes(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
     return hashes
 
 
-def log_params(params: Params) -> None:
-    mlflow.log_params({k: str(v) for k, v in as_flat_dict(params).items()})
+def log_params(params: Mapping[str, object]) -> None:
+    """Log flat `dotted.key: value` params as strings, the form MLflow stores anyway."""
+    mlflow.log_params({k: str(v) for k, v in params.items()})
+
+
+def _default_store() -> Path:
+    return project_root() / "mlruns"
+
+
+def _sqlite_uri(store: Path) -> str:
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def _get_or_create_experiment(
+    client: mlflow.MlflowClient, name: str, artifact_location: str | None
+) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as error:
+        # Another process created it between our look-up and our create (a shared server, or a
+        # store no lock covers): use theirs.
+        if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        raise MlflowException(f"experiment {name!r} exists but cannot be read back")
+    return found.experiment_id
+
+
+def _training_run(client: mlflow.MlflowClient, run_id: str) -> Run | None:
+    """The training run if this store holds it (and it is not deleted), else None."""
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as error:
+        if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        return None
+    return run if run.info.lifecycle_stage == LifecycleStage.ACTIVE else None
 
 
 def _git(*args: str) -> str:
@@ -81,17 +181,3 @@ def _git(*args: str) -> str:
     except (OSError, subprocess.CalledProcessError):
         return ""
     return result.stdout.strip()
-
-
-def reopen_training_run(params: Params, run_id: str) -> mlflow.ActiveRun:
-    """The MLflow run that trained the model, so evaluation and explanations join its page.
-
-    A model trained against another store gets a new run that names the missing one.
-    """
-    experiment_id = use_experiment(params)
-    try:
-        mlflow.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        print(f"MLflow run {run_id!r} is not in {mlflow.get_tracking_uri()}: logging to a new run")
-        return mlflow.start_run(experiment_id=experiment_id, tags={"training_run_id": run_id})
-    return mlflow.start_run(run_id=run_id)

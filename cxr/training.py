@@ -1,4 +1,4 @@
-"""The training loop and its parts.
+"""The training loop, as free functions that take the objects they use.
 
 The whole preprocessed training set sits on the training device as uint8; each batch is
 gathered, augmented and normalized there, so the accelerator never waits on CPU-side image
@@ -11,43 +11,21 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
+from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from cxr.atomic import atomic_path
+from cxr.device import grad_scaler
 from cxr.params import AugmentParams, Params
-
-
-def pick_device(choice: str) -> torch.device:
-    """`auto` prefers CUDA, then Apple's MPS, then the CPU."""
-    if choice == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device: cuda was asked for but no CUDA device is available")
-    if choice == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("train.device: mps was asked for but MPS is not available")
-    return torch.device(choice)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """Mixed precision only on CUDA: bf16 where the GPU supports it, none on CPU/MPS."""
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    if precision == "auto" and not torch.cuda.is_bf16_supported():
-        return None
-    return torch.bfloat16
 
 
 @dataclass
@@ -63,6 +41,74 @@ class DeviceData:
             torch.from_numpy(np.array(images, dtype=np.uint8)).to(device),
             torch.from_numpy(labels.astype(np.float32)).to(device),
         )
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How batches are laid out and computed on the training device, fixed for a run."""
+
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype; None = fp32
+    memory_format: torch.memory_format
+    mean: float  # training-set pixel statistics, on the [0, 1] scale
+    std: float
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] floats (B, 1, H, W) to the network's input."""
+        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+
+@dataclass
+class Run:
+    """What one training run advances step by step; `checkpoint` saves all of it."""
+
+    model: nn.Module
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the model, compiled or not
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: AveragedModel | None
+    scaler: torch.amp.GradScaler | None
+    order_rng: torch.Generator
+    augment_rng: torch.Generator
+
+    @property
+    def kept_model(self) -> nn.Module:
+        """The weights that are validated and kept: the average if there is one."""
+        return self.model if self.ema is None else self.ema.module
+
+
+def create_run(
+    model: nn.Module, params: Params, numerics: Numerics, steps_per_epoch: int, compile: bool
+) -> Run:
+    device = numerics.device
+    model.to(device, memory_format=numerics.memory_format)
+    # timm's convention: no weight decay on norm weights and biases (1-d parameters).
+    optimizer = create_optimizer_v2(
+        model, "adamw", lr=params.lr, weight_decay=params.train.weight_decay
+    )
+    # Cosine annealing from `lr` to `train.min_lr`, stepped every batch.
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=params.epochs * steps_per_epoch, eta_min=params.train.min_lr
+    )
+    # Weight averaging: validation, early stopping and the saved model use the running average
+    # of the weights (BatchNorm statistics included) instead of the last step's.
+    ema = None
+    if params.train.ema_decay > 0:
+        averaging = get_ema_multi_avg_fn(params.train.ema_decay)
+        ema = AveragedModel(model, multi_avg_fn=averaging, use_buffers=True)
+    return Run(
+        model=model,
+        forward=torch.compile(model) if compile else model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ema=ema,
+        scaler=grad_scaler(numerics.dtype, device),
+        order_rng=torch.Generator().manual_seed(params.seed),
+        augment_rng=torch.Generator(device=device).manual_seed(params.seed + 1),
+    )
 
 
 def batch_order(
@@ -126,213 +172,170 @@ def set_train_mode(model: nn.Module, frozen: bool) -> None:
         model.get_classifier().train()
 
 
+def train_step(
+    run: Run, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, numerics: Numerics
+) -> torch.Tensor:
+    """One optimizer step on a ready batch; returns the loss."""
+    with numerics.autocast():
+        logits = run.forward(x).float().squeeze(1)
+    loss = loss_fn(logits, y)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is None:
+        loss.backward()
+        run.optimizer.step()
+    else:  # fp16: scale the loss so small gradients do not underflow, unscale before the step
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
+    return loss.detach()
+
+
+def train_one_epoch(
+    run: Run,
+    data: DeviceData,
+    params: Params,
+    numerics: Numerics,
+    loss_fn: nn.Module,
+    epoch: int,
+) -> tuple[float, float]:
+    """One pass over the training data; returns (mean loss, images per second)."""
+    frozen = epoch <= params.train.freeze_epochs
+    set_backbone_frozen(run.model, frozen)
+    set_train_mode(run.model, frozen)
+    balanced = params.train.imbalance == "sampler"
+    batches = batch_order(data.labels, params.batch_size, balanced, run.order_rng)
+    smoothing = params.train.label_smoothing
+    total_loss = torch.zeros((), device=numerics.device)
+    seen, started = 0, time.perf_counter()
+    progress = tqdm(batches, desc=f"epoch {epoch}/{params.epochs}", unit="batch", leave=False)
+    for step, index in enumerate(progress):
+        index = index.to(numerics.device, non_blocking=True)
+        x = data.images[index].float().div_(255.0).unsqueeze(1)
+        x = numerics.normalize(augment(x, params.train.augment, run.augment_rng))
+        y = data.labels[index] * (1 - smoothing) + 0.5 * smoothing
+        total_loss += train_step(run, x, y, loss_fn, numerics) * len(index)
+        seen += len(index)
+        if step % 10 == 0 or step == len(batches) - 1:
+            rate = seen / (time.perf_counter() - started)
+            progress.set_postfix(loss=f"{total_loss.item() / seen:.4f}", img_s=f"{rate:.0f}")
+    return total_loss.item() / seen, seen / (time.perf_counter() - started)
+
+
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module,
-    images: torch.Tensor,
-    mean: float,
-    std: float,
-    batch_size: int,
-    dtype: torch.dtype | None,
-    memory_format: torch.memory_format = torch.contiguous_format,
+    model: nn.Module, images: torch.Tensor, numerics: Numerics, batch_size: int
 ) -> torch.Tensor:
     model.eval()
     logits = []
     for start in range(0, len(images), batch_size):
-        x = (images[start : start + batch_size].float() / 255.0 - mean) / std
-        x = x.unsqueeze(1).contiguous(memory_format=memory_format)
-        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+        x = numerics.normalize(images[start : start + batch_size].float().div(255.0).unsqueeze(1))
+        with numerics.autocast():
             logits.append(model(x).float().squeeze(1))
     return torch.cat(logits)
 
 
-@dataclass
-class EpochRecord:
-    epoch: int
-    train_loss: float
-    val_loss: float
-    val_auc: float
-    lr: float
-    images_per_s: float
-    frozen: bool
+def validate(
+    model: nn.Module, data: DeviceData, numerics: Numerics, batch_size: int
+) -> tuple[float, float]:
+    """(loss, ROC-AUC) on validation data; the loss is unweighted, comparable across runs."""
+    logits = predict_logits(model, data.images, numerics, batch_size)
+    loss = F.binary_cross_entropy_with_logits(logits, data.labels).item()
+    labels = data.labels.cpu().numpy()
+    auc = roc_auc_score(labels, logits.cpu().numpy()) if len(set(labels)) == 2 else math.nan
+    return loss, float(auc)
 
 
-@dataclass
-class TrainState:
-    """Everything needed to continue an interrupted run exactly where it stopped."""
+def new_progress() -> dict:
+    """Where a run stands between epochs; it goes into the checkpoint as it is."""
+    return {
+        "epoch": 0,
+        "best_auc": -math.inf,
+        "best_epoch": 0,
+        "best_state": None,
+        "stale_epochs": 0,
+        "history": [],
+    }
 
-    epoch: int = 0
-    best_auc: float = -math.inf
-    best_epoch: int = 0
-    best_state: dict | None = None
-    history: list[EpochRecord] = field(default_factory=list)
-    epochs_without_improvement: int = 0
 
-
-@dataclass
-class Trainer:
-    """Holds the objects one training run shares across epochs."""
-
-    model: nn.Module
-    params: Params
-    device: torch.device
-    mean: float
-    std: float
-    pos_weight: float
-    optimizer: torch.optim.Optimizer = field(init=False)
-    scheduler: torch.optim.lr_scheduler.LRScheduler = field(init=False)
-    order_generator: torch.Generator = field(init=False)
-    augment_generator: torch.Generator = field(init=False)
-
-    def __post_init__(self) -> None:
-        p = self.params
-        self.dtype = autocast_dtype(p.train.precision, self.device)
-        self.memory_format = torch.contiguous_format
-        if p.train.channels_last and self.device.type == "cuda":
-            self.memory_format = torch.channels_last
-        self.model.to(self.device, memory_format=self.memory_format)
-        self.forward = torch.compile(self.model) if p.train.compile else self.model
-        # Weight averaging: validation, early stopping and the saved model use the running
-        # average of the weights (BatchNorm statistics included) instead of the last step's.
-        self.ema = None
-        if p.train.ema_decay > 0:
-            averaging = get_ema_multi_avg_fn(p.train.ema_decay)
-            self.ema = AveragedModel(self.model, multi_avg_fn=averaging, use_buffers=True)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=p.lr, weight_decay=p.train.weight_decay
-        )
-        self.order_generator = torch.Generator().manual_seed(p.seed)
-        self.augment_generator = torch.Generator(device=self.device).manual_seed(p.seed + 1)
-        weight = torch.tensor(self.pos_weight, device=self.device)
-        self.loss_fn = nn.BCEWithLogitsLoss(pos_weight=weight)
-
-    def make_scheduler(self, steps_per_epoch: int) -> None:
-        """Cosine annealing from `lr` to `train.min_lr`, stepped every batch."""
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer,
-            T_max=self.params.epochs * steps_per_epoch,
-            eta_min=self.params.train.min_lr,
-        )
-
-    def optimize(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on a ready batch: forward, loss, backward, AdamW; returns the loss."""
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            logits = self.forward(x).float().squeeze(1)
-        loss = self.loss_fn(logits, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss
-
-    def train_epoch(self, data: DeviceData, epoch: int, frozen: bool) -> tuple[float, float]:
-        """One pass over the training data; returns (mean loss, images per second)."""
-        p = self.params
-        set_backbone_frozen(self.model, frozen)
-        set_train_mode(self.model, frozen)
-        balanced = p.train.imbalance == "sampler"
-        batches = batch_order(data.labels, p.batch_size, balanced, self.order_generator)
-        smoothing = p.train.label_smoothing
-        total_loss = torch.zeros((), device=self.device)
-        seen, started = 0, time.perf_counter()
-        progress = tqdm(batches, desc=f"epoch {epoch}/{p.epochs}", unit="batch", leave=False)
-        for step, index in enumerate(progress):
-            index = index.to(self.device, non_blocking=True)
-            x = data.images[index].float().div_(255.0).unsqueeze(1)
-            x = augment(x, p.train.augment, self.augment_generator)
-            x = ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-            y = data.labels[index] * (1 - smoothing) + 0.5 * smoothing
-            loss = self.optimize(x, y)
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update_parameters(self.model)
-            total_loss += loss.detach() * len(index)
-            seen += len(index)
-            if step % 10 == 0 or step == len(batches) - 1:
-                rate = seen / (time.perf_counter() - started)
-                progress.set_postfix(loss=f"{total_loss.item() / seen:.4f}", img_s=f"{rate:.0f}")
-        return total_loss.item() / seen, seen / (time.perf_counter() - started)
-
-    @property
-    def kept_model(self) -> nn.Module:
-        """The weights that are validated and kept: the average if there is one."""
-        return self.model if self.ema is None else self.ema.module
-
-    def validate(self, data: DeviceData) -> tuple[float, float]:
-        """(loss, ROC-AUC) on validation data; the loss is unweighted, comparable across runs."""
-        logits = predict_logits(
-            self.forward if self.ema is None else self.ema.module,
-            data.images,
-            self.mean,
-            self.std,
-            2 * self.params.batch_size,
-            self.dtype,
-            self.memory_format,
-        )
-        loss = F.binary_cross_entropy_with_logits(logits, data.labels).item()
-        labels = data.labels.cpu().numpy()
-        auc = roc_auc_score(labels, logits.cpu().numpy()) if len(set(labels)) == 2 else math.nan
-        return loss, float(auc)
-
-    def fit(
-        self,
-        train: DeviceData,
-        val: DeviceData,
-        state: TrainState,
-        on_epoch_end: Callable[[EpochRecord, TrainState], None],
-    ) -> TrainState:
-        """Frozen-then-unfrozen epochs with early stopping on validation AUC."""
-        p = self.params
-        for epoch in range(state.epoch + 1, p.epochs + 1):
-            frozen = epoch <= p.train.freeze_epochs
-            lr = self.optimizer.param_groups[0]["lr"]
-            train_loss, rate = self.train_epoch(train, epoch, frozen)
-            val_loss, val_auc = self.validate(val)
-            record = EpochRecord(epoch, train_loss, val_loss, val_auc, lr, rate, frozen)
-            state.history.append(record)
-            state.epoch = epoch
-            if val_auc > state.best_auc:
-                state.best_auc, state.best_epoch = val_auc, epoch
-                state.best_state = copy.deepcopy(
-                    {k: v.detach().cpu() for k, v in self.kept_model.state_dict().items()}
-                )
-                state.epochs_without_improvement = 0
-            else:
-                state.epochs_without_improvement += 1
-            print(
-                f"epoch {epoch:3d}/{p.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}"
-                f"  val AUC {val_auc:.4f}  lr {lr:.2e}  {rate:.0f} img/s"
-                + ("  (backbone frozen)" if frozen else "")
+def fit(
+    run: Run,
+    train: DeviceData,
+    val: DeviceData,
+    params: Params,
+    numerics: Numerics,
+    loss_fn: nn.Module,
+    progress: dict,
+    on_epoch_end: Callable[[dict], None],
+) -> dict:
+    """Frozen-then-unfrozen epochs with early stopping on validation AUC; returns progress."""
+    for epoch in range(progress["epoch"] + 1, params.epochs + 1):
+        lr = run.optimizer.param_groups[0]["lr"]
+        train_loss, rate = train_one_epoch(run, train, params, numerics, loss_fn, epoch)
+        val_loss, val_auc = validate(run.kept_model, val, numerics, 2 * params.batch_size)
+        frozen = epoch <= params.train.freeze_epochs
+        progress["history"].append(
+            {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc,
+             "lr": lr, "images_per_s": rate, "frozen": frozen}
+        )  # fmt: skip
+        progress["epoch"] = epoch
+        if val_auc > progress["best_auc"]:
+            state = run.kept_model.state_dict()
+            progress.update(
+                best_auc=val_auc,
+                best_epoch=epoch,
+                best_state=copy.deepcopy({k: v.detach().cpu() for k, v in state.items()}),
+                stale_epochs=0,
             )
-            on_epoch_end(record, state)
-            if state.epochs_without_improvement >= p.train.patience:
-                print(f"early stop: no better validation AUC for {p.train.patience} epochs")
-                break
-        return state
-
-    def checkpoint(self, state: TrainState) -> dict:
-        return {
-            "state": state,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "ema": None if self.ema is None else self.ema.state_dict(),
-            "order_generator": self.order_generator.get_state(),
-            "augment_generator": self.augment_generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-        }
-
-    def restore(self, saved: dict) -> TrainState:
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        if self.ema is not None:
-            self.ema.load_state_dict(saved["ema"])
-        self.order_generator.set_state(saved["order_generator"])
-        self.augment_generator.set_state(saved["augment_generator"])
-        torch.set_rng_state(saved["torch_rng"])
-        return saved["state"]
+        else:
+            progress["stale_epochs"] += 1
+        print(
+            f"epoch {epoch:3d}/{params.epochs}  train loss {train_loss:.4f}"
+            f"  val loss {val_loss:.4f}  val AUC {val_auc:.4f}  lr {lr:.2e}  {rate:.0f} img/s"
+            + ("  (backbone frozen)" if frozen else "")
+        )
+        on_epoch_end(progress)
+        if progress["stale_epochs"] >= params.train.patience:
+            print(f"early stop: no better validation AUC for {params.train.patience} epochs")
+            break
+    return progress
 
 
-def save_checkpoint(path: Path, checkpoint: dict) -> None:
+def checkpoint(run: Run, progress: dict) -> dict:
+    """A plain dict with everything an interrupted run needs to continue exactly."""
+    return {
+        "progress": progress,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "ema": None if run.ema is None else run.ema.state_dict(),
+        "scaler": None if run.scaler is None else run.scaler.state_dict(),
+        "order_rng": run.order_rng.get_state(),
+        "augment_rng": run.augment_rng.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore(run: Run, saved: dict) -> dict:
+    """Put a checkpoint's state back into `run`; returns its progress."""
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(saved["ema"])
+    if run.scaler is not None:
+        run.scaler.load_state_dict(saved["scaler"])
+    run.order_rng.set_state(saved["order_rng"])
+    run.augment_rng.set_state(saved["augment_rng"])
+    torch.set_rng_state(saved["torch_rng"])
+    if saved["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    return saved["progress"]
+
+
+def save_checkpoint(path: Path, saved: dict) -> None:
     with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+        torch.save(saved, tmp)

@@ -6,6 +6,7 @@ where the images came from.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -15,11 +16,19 @@ from cxr.atomic import atomic_path
 from cxr.dataset import build_manifest
 from cxr.demo import generate_demo_dataset
 from cxr.params import DataParams, load_params
-from cxr.stage import StageError, run
+from cxr.stage import StageError, paths, run
 
-RAW_DIR = Path("data/raw")
 DOWNLOAD_CACHE = Path(".cache/downloads")
 LESION_COLUMNS = ["path", "x0", "y0", "x1", "y1"]
+
+
+def local_folder(path: str) -> Path:
+    """A relative `data.local_path` means relative to the project, not to the working folder.
+
+    `dvc exp run --queue/--temp` runs stages in a copy under .dvc/tmp/exps/, where a path like
+    ../shared/... would point elsewhere; DVC names the real project in DVC_ROOT.
+    """
+    return Path(os.environ.get("DVC_ROOT", ".")) / path
 
 
 def fetch(data: DataParams, dest: Path) -> pd.DataFrame:
@@ -34,7 +43,7 @@ def fetch(data: DataParams, dest: Path) -> pd.DataFrame:
                 max_side=data.demo_max_side,
             )
         if data.source == "local":
-            sources.fetch_local(Path(data.local_path), dest)
+            sources.fetch_local(local_folder(data.local_path), dest)
         elif data.source == "kaggle":
             sources.fetch_kaggle(data.kaggle_dataset, dest)
         else:
@@ -44,20 +53,21 @@ def fetch(data: DataParams, dest: Path) -> pd.DataFrame:
     return pd.DataFrame(columns=LESION_COLUMNS)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = paths(__doc__, "raw", argv=argv)
     params = load_params()
-    with atomic_path(RAW_DIR) as tmp:
+    with atomic_path(args.raw) as tmp:
         tmp.mkdir()
         lesions = fetch(params.data, tmp)
         manifest = build_manifest(tmp)
         manifest.to_csv(tmp / "manifest.csv", index=False)
         lesions.to_csv(tmp / "lesions.csv", index=False)
-    report(manifest)
+    report(args.raw, manifest)
 
 
-def report(manifest: pd.DataFrame) -> None:
+def report(raw: Path, manifest: pd.DataFrame) -> None:
     counts = manifest.groupby(["official_split", "label"]).size().unstack(fill_value=0)
-    print(f"data/raw: {len(manifest)} files\n{counts.to_string()}")
+    print(f"{raw}: {len(manifest)} files\n{counts.to_string()}")
     unreadable = manifest[~manifest["readable"]]
     for row in unreadable.itertuples():
         print(f"unreadable, excluded: {row.path} ({row.error})")

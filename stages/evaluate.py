@@ -1,7 +1,8 @@
 """Score the trained model on validation and the official test set.
 
 The decision threshold is chosen on validation only and then applied unchanged to test; it is
-stored beside the model (models/threshold.json) for inference.
+stored beside the model (models/threshold.json) for inference. Intervals resample patients,
+not images (see `bootstrap_intervals`).
 """
 
 from __future__ import annotations
@@ -15,40 +16,47 @@ import pandas as pd
 from cxr import tracking
 from cxr.atomic import write_csv, write_json
 from cxr.dataset import CLASSES
+from cxr.device import pick_device
 from cxr.evaluation import (
     bootstrap_intervals,
     choose_threshold,
     classification_metrics,
     curve_tables,
-    save_figures,
 )
-from cxr.model import THRESHOLD_FILE, Classifier
+from cxr.figures import save_figures
+from cxr.model import Classifier
 from cxr.params import EvaluateParams, load_params
 from cxr.processed import ProcessedSplit, load_split
-from cxr.stage import run
-from cxr.training import pick_device
-
-MODEL_FILE = Path("models/model.pt")
-METRICS_FILE = Path("metrics/evaluate.json")
-PLOTS_DIR = Path("plots/evaluate")
-PREDICTIONS = Path("data/predictions.csv")
+from cxr.stage import paths, require, run
 
 
 def split_metrics(
-    labels: np.ndarray, probs: np.ndarray, threshold: float, settings: EvaluateParams, seed: int
+    data: ProcessedSplit, probs: np.ndarray, threshold: float, settings: EvaluateParams, seed: int
 ) -> dict:
     """Point metrics plus flat 95% bootstrap bounds (`roc_auc_ci_low`), easy to read in a diff."""
+    labels, patients = data.labels, data.index["patient_id"]
     metrics = classification_metrics(labels, probs, threshold, settings.calibration_bins)
-    intervals = bootstrap_intervals(labels, probs, threshold, settings.bootstrap, seed)
+    metrics["patients"] = int(patients.nunique())
+    intervals = bootstrap_intervals(labels, probs, patients, threshold, settings.bootstrap, seed)
     for name, (low, high) in intervals.items():
         metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
     return metrics
 
 
-def save_plot_data(split: str, labels: np.ndarray, probs: np.ndarray, threshold: float, bins: int):
-    for kind, table in curve_tables(labels, probs, threshold, bins).items():
-        write_csv(PLOTS_DIR / f"{split}_{kind}.csv", table)
-    return save_figures(PLOTS_DIR / "figures", split, labels, probs, threshold, bins)
+def save_plot_data(
+    folder: Path,
+    split: str,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    threshold: float,
+    metrics: dict,
+    bins: int,
+) -> list[Path]:
+    """Curve tables for `dvc plots`, and the same curves as PNGs for MLflow and reports."""
+    tables = curve_tables(labels, probs, threshold, bins)
+    for kind, table in tables.items():
+        write_csv(folder / f"{split}_{kind}.csv", table)
+    return save_figures(folder / "figures", split, tables, metrics, probs, threshold, bins)
 
 
 def predictions_table(split: str, data: ProcessedSplit, probs: np.ndarray, threshold: float):
@@ -63,12 +71,17 @@ def predictions_table(split: str, data: ProcessedSplit, probs: np.ndarray, thres
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = paths(
+        __doc__, "model", "processed", "threshold", "predictions", "metrics", "plots", argv=argv
+    )
     params = load_params()
     settings = params.evaluate
-    classifier = Classifier.load(MODEL_FILE, device=str(pick_device(params.train.device)))
-    classifier.flip_tta = settings.flip_tta
-    splits = {"val": load_split("val"), "test": load_split("test")}
+    require(args.model, args.processed)
+    device = str(pick_device(params.runtime.device))
+    classifier = Classifier.load(args.model, device=device)
+    classifier.flip_tta = settings.flip_tta  # the threshold is chosen below, with this setting
+    splits = {name: load_split(name, args.processed) for name in ("val", "test")}
     probs = {name: classifier.predict_proba(np.asarray(s.images)) for name, s in splits.items()}
 
     threshold = choose_threshold(
@@ -81,15 +94,21 @@ def main() -> None:
     report: dict = {"threshold": round(threshold, 6)}
     figures, predictions = [], []
     for name, data in splits.items():
-        report[name] = split_metrics(data.labels, probs[name], threshold, settings, params.seed)
+        report[name] = split_metrics(data, probs[name], threshold, settings, params.seed)
         figures += save_plot_data(
-            name, data.labels, probs[name], threshold, settings.calibration_bins
+            args.plots,
+            name,
+            data.labels,
+            probs[name],
+            threshold,
+            report[name],
+            settings.calibration_bins,
         )
         predictions.append(predictions_table(name, data, probs[name], threshold))
 
-    write_json(METRICS_FILE, report)
+    write_json(args.metrics, report)
     write_json(
-        MODEL_FILE.parent / THRESHOLD_FILE,
+        args.threshold,
         {
             "threshold": threshold,
             "strategy": settings.threshold,
@@ -97,9 +116,14 @@ def main() -> None:
             "chosen_on": "validation",
         },
     )
-    write_csv(PREDICTIONS, pd.concat(predictions, ignore_index=True))
+    write_csv(args.predictions, pd.concat(predictions, ignore_index=True))
 
-    with tracking.reopen_training_run(params, classifier.card.mlflow_run_id):
+    with tracking.start_stage_run(
+        params.mlflow.experiment,
+        params.mlflow.tracking_uri,
+        classifier.card.mlflow_run_id,
+        "evaluate",
+    ):
         mlflow.set_tag("evaluate.threshold_strategy", settings.threshold)
         mlflow.set_tag("evaluate.flip_tta", settings.flip_tta)
         flat = {
@@ -117,7 +141,8 @@ def main() -> None:
         print(
             f"{name:>4}: AUC {m['roc_auc']} [{m.get('roc_auc_ci_low')}, {m.get('roc_auc_ci_high')}]"
             f"  accuracy {m['accuracy']}  sensitivity {m['sensitivity']}"
-            f"  specificity {m['specificity']}  F1 {m['f1']}"
+            f"  specificity {m['specificity']}  F1 {m['f1']}  ({m['n']} images,"
+            f" {m['patients']} patients)"
         )
     print(f"threshold {threshold:.4f} ({settings.threshold}, chosen on validation)")
 

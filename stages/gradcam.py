@@ -2,7 +2,8 @@
 
 Renders true/false positives/negatives as PNGs plus a montage. Scores localization against the
 demo generator's lesion boxes (pointing game, energy in box), faithfulness with the grad-cam
-package's ROAD metrics, and a weight-randomization sanity check, into metrics/gradcam.json.
+package's ROAD metrics, and a weight-randomization sanity check, on a seeded sample of test
+images drawn from both classes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import pandas as pd
 
 from cxr import tracking
 from cxr.atomic import atomic_path, write_json
+from cxr.dataset import CLASSES
+from cxr.device import pick_device
 from cxr.explain import (
     compute_cams,
     energy_in_box,
@@ -23,21 +26,15 @@ from cxr.explain import (
     random_pointing_rate,
     randomization_check,
     resolve_target_layer,
-    save_montage,
-    save_panel,
+    scoring_sample,
 )
+from cxr.figures import save_montage, save_panel
 from cxr.images import square_geometry
 from cxr.model import Classifier
-from cxr.params import load_params
+from cxr.params import ParamsError, load_params
 from cxr.processed import ProcessedSplit, load_split
-from cxr.stage import run
-from cxr.training import pick_device
+from cxr.stage import paths, require, run
 
-MODEL_FILE = Path("models/model.pt")
-PREDICTIONS = Path("data/predictions.csv")
-LESIONS = Path("data/raw/lesions.csv")
-PLOTS_DIR = Path("plots/gradcam")
-METRICS_FILE = Path("metrics/gradcam.json")
 OUTCOMES = ("TP", "FN", "FP", "TN")
 RANDOMIZATION_SEEDS = (0, 1, 2)
 
@@ -61,9 +58,9 @@ def select_cases(predictions: pd.DataFrame, per_outcome: int) -> pd.DataFrame:
     return pd.concat(chosen)
 
 
-def lesion_boxes(test: ProcessedSplit, size: int, resize: str) -> dict[int, tuple]:
+def lesion_boxes(lesions: pd.DataFrame, test: ProcessedSplit, size: int, resize: str) -> dict:
     """Known lesion boxes (demo data), mapped into the square image; row -> box."""
-    lesions = pd.read_csv(LESIONS).set_index("path")
+    lesions = lesions.set_index("path")
     boxes = {}
     for row in test.index.itertuples():
         if row.path in lesions.index:
@@ -87,33 +84,48 @@ def localization_scores(cams: np.ndarray, boxes: list[tuple], size: int) -> dict
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = paths(
+        __doc__, "model", "threshold", "predictions", "processed", "lesions", "metrics", "plots",
+        argv=argv,
+    )  # fmt: skip
     params = load_params()
     settings = params.gradcam
-    classifier = Classifier.load(MODEL_FILE, device=str(pick_device(params.train.device)))
+    require(args.model, args.threshold, args.predictions, args.processed, args.lesions)
+    device = str(pick_device(params.runtime.device))
+    classifier = Classifier.load(args.model, device=device, threshold_file=args.threshold)
     model, size = classifier.model, classifier.card.image_size
-    layer = resolve_target_layer(model, settings.target_layer)
+    try:
+        layer = resolve_target_layer(model, settings.target_layer)
+    except ValueError as err:
+        raise ParamsError(f"gradcam.target_layer: {err}") from None
     layer_name = next(name for name, module in model.named_modules() if module is layer)
-    test = load_split("test")
-    predictions = pd.read_csv(PREDICTIONS).query("split == 'test'").reset_index(drop=True)
-    boxes = lesion_boxes(test, size, classifier.card.resize)
+    test = load_split("test", args.processed)
+    predictions = pd.read_csv(args.predictions).query("split == 'test'").reset_index(drop=True)
+    boxes = lesion_boxes(pd.read_csv(args.lesions), test, size, classifier.card.resize)
 
     cases = select_cases(predictions, settings.per_outcome)
     rows = cases.index.to_numpy()
     images = np.asarray(test.images[rows])
     cams = compute_cams(model, classifier.to_tensor(images), settings.method, layer)
     titles = [f"{c.outcome}  {c.label}  p={c.probability:.2f}" for c in cases.itertuples()]
-    with atomic_path(PLOTS_DIR) as tmp:
+    with atomic_path(args.plots) as tmp:
         tmp.mkdir()
         for i, case in enumerate(cases.itertuples()):
             name = f"{case.outcome}_{i:02d}_{Path(case.path).stem}.png"
             save_panel(tmp / name, images[i], cams[i], titles[i], boxes.get(rows[i]))
         save_montage(tmp / "montage.png", list(images), list(cams), titles)
 
-    scored = np.arange(min(settings.score_images, len(test.labels)))
+    scored = scoring_sample(test.labels, settings.score_images, params.seed)
     inputs = classifier.to_tensor(np.asarray(test.images[scored]))
     scored_cams = compute_cams(model, inputs, settings.method, layer)
-    report: dict = {"method": settings.method, "target_layer": layer_name}
+    counts = np.bincount(test.labels[scored], minlength=len(CLASSES))
+    report: dict = {
+        "method": settings.method,
+        "target_layer": layer_name,
+        "images_scored": len(scored),
+        **{f"scored_{name.lower()}": int(n) for name, n in zip(CLASSES, counts, strict=True)},
+    }
     lesion_rows = [r for r in scored if r in boxes]
     if lesion_rows:
         positions = [int(np.flatnonzero(scored == r)[0]) for r in lesion_rows]
@@ -124,13 +136,17 @@ def main() -> None:
         for seed in RANDOMIZATION_SEEDS
     ]
     report["randomization_rank_correlation"] = round(float(np.mean(similarity)), 4)
-    report["images_scored"] = len(scored)
-    write_json(METRICS_FILE, report)
+    write_json(args.metrics, report)
 
-    with tracking.reopen_training_run(params, classifier.card.mlflow_run_id):
+    with tracking.start_stage_run(
+        params.mlflow.experiment,
+        params.mlflow.tracking_uri,
+        classifier.card.mlflow_run_id,
+        "gradcam",
+    ):
         numbers = {k: v for k, v in report.items() if isinstance(v, (int, float))}
         mlflow.log_metrics({f"gradcam_{k}": v for k, v in numbers.items()})
-        mlflow.log_artifacts(str(PLOTS_DIR), artifact_path="gradcam")
+        mlflow.log_artifacts(str(args.plots), artifact_path="gradcam")
     print(f"{settings.method} at {layer_name}: {report}")
 
 

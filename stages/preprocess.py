@@ -12,32 +12,31 @@ import pandas as pd
 
 from cxr.atomic import atomic_path
 from cxr.params import load_params
-from cxr.processed import PROCESSED_DIR, SPLITS, decode_all, save_processed
-from cxr.stage import StageError, run
-
-RAW_DIR = Path("data/raw")
-SPLIT_TABLE = Path("data/splits/split.csv")
+from cxr.processed import SPLITS, decode_all, save_processed
+from cxr.stage import StageError, paths, require, run
 
 
-def images_to_decode() -> pd.DataFrame:
+def images_to_decode(raw: Path, split_table: Path) -> pd.DataFrame:
     """The split table's train/val/test rows, with each image's original size."""
-    table = pd.read_csv(SPLIT_TABLE, keep_default_na=False)
-    manifest = pd.read_csv(RAW_DIR / "manifest.csv", keep_default_na=False)
+    table = pd.read_csv(split_table, keep_default_na=False)
+    manifest = pd.read_csv(raw / "manifest.csv", keep_default_na=False)
     table = table.merge(manifest[["path", "width", "height"]], on="path", validate="one_to_one")
     table = table[table["split"].isin(SPLITS)].reset_index(drop=True)
     for split in SPLITS:
         if not (table["split"] == split).any():
-            raise StageError(f"{SPLIT_TABLE}: the {split} split is empty")
+            raise StageError(f"{split_table}: the {split} split is empty")
     return table
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = paths(__doc__, "raw", "split_table", "processed", argv=argv)
     params = load_params()
-    table = images_to_decode()
+    require(args.raw, args.split_table)
+    table = images_to_decode(args.raw, args.split_table)
     size, resize = params.image_size, params.preprocess.resize
 
     started = time.perf_counter()
-    decoded = decode_all(RAW_DIR, table["path"].tolist(), size, resize, params.preprocess.workers)
+    decoded = decode_all(args.raw, table["path"].tolist(), size, resize, params.runtime.workers)
     seconds = time.perf_counter() - started
     ok = [d.pixels is not None for d in decoded]
     rejected = pd.DataFrame(
@@ -45,7 +44,7 @@ def main() -> None:
         columns=["path", "error"],
     )
 
-    with atomic_path(PROCESSED_DIR) as tmp:
+    with atomic_path(args.processed) as tmp:
         tmp.mkdir()
         pixels = [d.pixels for d in decoded if d.pixels is not None]
         save_processed(tmp, table[ok], pixels, size, resize)
@@ -55,7 +54,7 @@ def main() -> None:
         print(f"rejected: {error}")
     counts = table[ok].groupby(["split", "label"]).size().unstack(fill_value=0)
     print(
-        f"{PROCESSED_DIR}: {sum(ok)} images in {seconds:.1f} s ({len(table) / seconds:.0f} img/s),"
+        f"{args.processed}: {sum(ok)} images in {seconds:.1f} s ({len(table) / seconds:.0f} img/s),"
         f" {len(rejected)} rejected\n{counts.to_string()}"
     )
 

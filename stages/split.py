@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 
 from cxr.atomic import write_csv, write_json
 from cxr.params import load_params
 from cxr.splitting import count_test_patient_collisions, split_dataset, split_report
-from cxr.stage import run
-
-MANIFEST = Path("data/raw/manifest.csv")
-SPLIT_TABLE = Path("data/splits/split.csv")
-SPLIT_REPORT = Path("data/splits/report.json")
+from cxr.stage import paths, require, run
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = paths(__doc__, "manifest", "splits", argv=argv)
     params = load_params()
-    manifest = pd.read_csv(MANIFEST, keep_default_na=False)
+    require(args.manifest)
+    manifest = pd.read_csv(args.manifest, keep_default_na=False)
     table = split_dataset(
         manifest,
         val_fraction=params.split.val_fraction,
@@ -27,8 +23,8 @@ def main() -> None:
     )
     report = split_report(table)
     report["test_patient_id_collisions"] = count_test_patient_collisions(manifest)
-    write_csv(SPLIT_TABLE, table)
-    write_json(SPLIT_REPORT, report)
+    write_csv(args.splits / "split.csv", table)
+    write_json(args.splits / "report.json", report)
     print(pd.DataFrame(report["images"]).T.to_string())
     print(f"patients: {report['patients']}  excluded: {report['excluded']}")
     print(f"overlaps: {report['overlap']}")

@@ -1,7 +1,7 @@
 """Train the timm classifier on the preprocessed arrays; record the run in MLflow.
 
-Outputs: models/model.pt (best validation-AUC epoch), metrics/train.json, plots/train/.
-An interrupted run resumes from checkpoints/train.pt when `train.resume` is true.
+Keeps the best validation-AUC epoch. An interrupted run resumes from checkpoints/train.pt when
+`runtime.resume` is true.
 """
 
 from __future__ import annotations
@@ -9,49 +9,50 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
 from mlflow.models import infer_signature
+from torch import nn
 
 from cxr import tracking
-from cxr.atomic import atomic_path, write_csv, write_json
+from cxr.atomic import write_csv, write_json
+from cxr.device import autocast_dtype, memory_format, pick_device
+from cxr.figures import save_history_figure
 from cxr.model import ModelCard, create_model, save_model
-from cxr.params import Params, as_flat_dict, load_params
-from cxr.processed import PROCESSED_DIR, load_split, load_stats
-from cxr.stage import StageError, run
-from cxr.training import DeviceData, EpochRecord, Trainer, TrainState, pick_device, save_checkpoint
+from cxr.params import RUN_ONLY_SECTIONS, Params, as_flat_dict, load_params
+from cxr.processed import load_split, load_stats
+from cxr.stage import StageError, paths, require, run
+from cxr.training import (
+    DeviceData,
+    Numerics,
+    checkpoint,
+    create_run,
+    fit,
+    new_progress,
+    restore,
+    save_checkpoint,
+)
 
-MODEL_FILE = Path("models/model.pt")
 CHECKPOINT = Path("checkpoints/train.pt")
-METRICS_FILE = Path("metrics/train.json")
-HISTORY_CSV = Path("plots/train/history.csv")
-HISTORY_PNG = Path("plots/train/history.png")
-# Settings that do not change what is learned; a checkpoint stays valid when they change.
-_RUN_ONLY_KEYS = (
-    "train.resume", "train.threads", "train.compile", "mlflow.", "evaluate.", "gradcam.",
-)  # fmt: skip
 
 
-def fingerprint(params: Params) -> str:
+def fingerprint(params: Params, processed: Path) -> str:
     """Identifies the training inputs, so a checkpoint is resumed only by the run it came from."""
-    relevant = {k: v for k, v in as_flat_dict(params).items() if not k.startswith(_RUN_ONLY_KEYS)}
-    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode())
+    relevant = {
+        k: v for k, v in as_flat_dict(params).items() if k.split(".")[0] not in RUN_ONLY_SECTIONS
+    }
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
     for name in ("index.csv", "stats.json"):
-        digest.update((PROCESSED_DIR / name).read_bytes())
+        digest.update((processed / name).read_bytes())
     return digest.hexdigest()
 
 
 def load_resumable(params: Params, fingerprint_now: str) -> dict | None:
-    if not (params.train.resume and CHECKPOINT.is_file()):
+    if not (params.runtime.resume and CHECKPOINT.is_file()):
         return None
     saved = torch.load(CHECKPOINT, map_location="cpu", weights_only=False)
     if saved.get("fingerprint") != fingerprint_now:
@@ -60,39 +61,22 @@ def load_resumable(params: Params, fingerprint_now: str) -> dict | None:
     return saved
 
 
-def save_history(history: list[EpochRecord]) -> pd.DataFrame:
-    table = pd.DataFrame([asdict(r) for r in history])
-    write_csv(HISTORY_CSV, table)
-    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(table["epoch"], table["train_loss"], marker="o", label="train")
-    ax_loss.plot(table["epoch"], table["val_loss"], marker="o", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
-    ax_loss.legend()
-    ax_auc.plot(table["epoch"], table["val_auc"], marker="o", color="tab:green")
-    ax_auc.set(xlabel="epoch", ylabel="ROC-AUC", title="Validation ROC-AUC")
-    fig.tight_layout()
-    with atomic_path(HISTORY_PNG) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return table
-
-
-def summarize(state: TrainState, history: pd.DataFrame, wall_time: float) -> dict:
+def summarize(progress: dict, history: pd.DataFrame, wall_time: float) -> dict:
     """metrics/train.json: small and flat, to read in `dvc metrics diff`."""
-    best = history.loc[history["epoch"] == state.best_epoch].iloc[0]
+    best = history.loc[history["epoch"] == progress["best_epoch"]].iloc[0]
     return {
-        "best_epoch": int(state.best_epoch),
-        "best_val_auc": round(float(state.best_auc), 5),
+        "best_epoch": int(progress["best_epoch"]),
+        "best_val_auc": round(float(progress["best_auc"]), 5),
         "best_val_loss": round(float(best["val_loss"]), 5),
-        "epochs_run": int(state.epoch),
+        "epochs_run": int(progress["epoch"]),
         "wall_time_s": round(wall_time, 1),
         "train_images_per_s": round(float(history["images_per_s"].mean()), 1),
     }
 
 
-def log_model_to_mlflow(model: torch.nn.Module, image_size: int) -> None:
+def log_model_to_mlflow(model: nn.Module, image_size: int) -> None:
     """The best model as an MLflow PyTorch model, with its input/output signature."""
-    model = model.cpu().eval()
+    model = model.cpu().eval().to(memory_format=torch.contiguous_format)
     example = np.zeros((1, 1, image_size, image_size), dtype=np.float32)
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
@@ -105,78 +89,99 @@ def log_model_to_mlflow(model: torch.nn.Module, image_size: int) -> None:
     )
 
 
-def main() -> None:
+def check_both_classes(name: str, labels: np.ndarray, index: pd.DataFrame) -> None:
+    if len(np.unique(labels)) < 2:
+        raise StageError(
+            f"the {name} split holds only one class ({index['label'].iloc[0]}); ROC-AUC and "
+            "early stopping need both: use more data or a larger split.val_fraction"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = paths(__doc__, "processed", "model", "metrics", "plots", argv=argv)
     params = load_params()
+    require(args.processed)
+    device = pick_device(params.runtime.device)
+    dtype = autocast_dtype(params.train.precision, device)
     torch.manual_seed(params.seed)
-    if params.train.threads:
-        torch.set_num_threads(params.train.threads)
-    device = pick_device(params.train.device)
-    stats = load_stats()
-    train_split, val_split = load_split("train"), load_split("val")
-    for name, split in (("train", train_split), ("val", val_split)):
-        if len(np.unique(split.labels)) < 2:
-            raise StageError(
-                f"the {name} split holds only one class ({split.index['label'].iloc[0]}); "
-                "ROC-AUC and early stopping need both: use more data or a larger "
-                "split.val_fraction"
-            )
+    if params.runtime.threads:
+        torch.set_num_threads(params.runtime.threads)
     model = create_model(params.model.arch, params.model.pretrained, params.model.drop_rate)
+
+    stats = load_stats(args.processed)
+    train_split, val_split = load_split("train", args.processed), load_split("val", args.processed)
+    check_both_classes("train", train_split.labels, train_split.index)
+    check_both_classes("val", val_split.labels, val_split.index)
+    numerics = Numerics(
+        device,
+        dtype,
+        memory_format(params.runtime.channels_last, device),
+        stats["mean"],
+        stats["std"],
+    )
+    train = DeviceData.from_arrays(train_split.images, train_split.labels, device)
+    val = DeviceData.from_arrays(val_split.images, val_split.labels, device)
+    steps_per_epoch = -(-len(train.labels) // params.batch_size)
+    training = create_run(model, params, numerics, steps_per_epoch, params.runtime.compile)
 
     positives = int(train_split.labels.sum())
     negatives = len(train_split.labels) - positives
     # Weighting positives by NORMAL/PNEUMONIA makes both classes weigh the same in the loss.
     pos_weight = negatives / positives if params.train.imbalance == "pos_weight" else 1.0
-    trainer = Trainer(model, params, device, stats["mean"], stats["std"], pos_weight)
-    train = DeviceData.from_arrays(train_split.images, train_split.labels, device)
-    val = DeviceData.from_arrays(val_split.images, val_split.labels, device)
-    trainer.make_scheduler(steps_per_epoch=-(-len(train.labels) // params.batch_size))
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
 
-    run_fingerprint = fingerprint(params)
+    run_fingerprint = fingerprint(params, args.processed)
     saved = load_resumable(params, run_fingerprint)
-    state = trainer.restore(saved) if saved else TrainState()
+    progress = restore(training, saved) if saved else new_progress()
     print(
         f"training {params.model.arch} on {device} ({len(train.labels)} train: {negatives} "
         f"NORMAL / {positives} PNEUMONIA, {len(val.labels)} val), pos_weight {pos_weight:.3f}, "
-        f"AdamW lr={trainer.optimizer.param_groups[0]['initial_lr']!r}"
-        + (f", resuming after epoch {state.epoch}" if saved else "")
+        f"AdamW lr={training.optimizer.param_groups[0]['initial_lr']!r}"
+        + (f", resuming after epoch {progress['epoch']}" if saved else "")
     )
 
-    experiment_id = tracking.use_experiment(params)
+    experiment_id = tracking.use_experiment(params.mlflow.experiment, params.mlflow.tracking_uri)
     started = time.perf_counter()
     with mlflow.start_run(
         run_id=saved["mlflow_run_id"] if saved else None, experiment_id=experiment_id
     ) as active:
         if not saved:
-            tracking.log_params(params)
-        mlflow.set_tags(tracking.run_tags())
+            tracking.log_params(as_flat_dict(params))
+        mlflow.set_tags({**tracking.run_tags(), "dvc.stage": "train"})
 
-        def on_epoch_end(record: EpochRecord, state: TrainState) -> None:
-            metrics = {k: v for k, v in asdict(record).items() if k not in ("epoch", "frozen")}
-            mlflow.log_metrics(metrics, step=record.epoch)
-            checkpoint = trainer.checkpoint(state)
-            checkpoint.update(fingerprint=run_fingerprint, mlflow_run_id=active.info.run_id)
-            save_checkpoint(CHECKPOINT, checkpoint)
+        def on_epoch_end(progress: dict) -> None:
+            record = progress["history"][-1]
+            metrics = {k: v for k, v in record.items() if k not in ("epoch", "frozen")}
+            mlflow.log_metrics(metrics, step=record["epoch"])
+            saved = checkpoint(training, progress)
+            saved.update(fingerprint=run_fingerprint, mlflow_run_id=active.info.run_id)
+            save_checkpoint(CHECKPOINT, saved)
 
-        state = trainer.fit(train, val, state, on_epoch_end)
+        progress = fit(training, train, val, params, numerics, loss_fn, progress, on_epoch_end)
         wall_time = time.perf_counter() - started
 
-        model.load_state_dict(state.best_state)
+        model.load_state_dict(progress["best_state"])
         card = ModelCard(
             arch=params.model.arch,
-            image_size=params.image_size,
-            resize=params.preprocess.resize,
+            image_size=stats["image_size"],
+            resize=stats["resize"],
             mean=stats["mean"],
             std=stats["std"],
             mlflow_run_id=active.info.run_id,
         )
-        save_model(MODEL_FILE, model, card)
-        summary = summarize(state, save_history(state.history), wall_time)
-        write_json(METRICS_FILE, summary)
+        save_model(args.model, model, card)
+        history = pd.DataFrame(progress["history"])
+        write_csv(args.plots / "history.csv", history)
+        save_history_figure(args.plots / "history.png", history)
+        summary = summarize(progress, history, wall_time)
+        write_json(args.metrics, summary)
         mlflow.log_metrics(summary)
-        mlflow.log_artifact(str(HISTORY_PNG), artifact_path="plots")
-        log_model_to_mlflow(model, params.image_size)
+        mlflow.log_artifact(str(args.plots / "history.png"), artifact_path="plots")
+        log_model_to_mlflow(model, stats["image_size"])
     CHECKPOINT.unlink(missing_ok=True)
-    print(f"best epoch {state.best_epoch}: val AUC {state.best_auc:.4f} -> {MODEL_FILE}")
+    print(
+        f"best epoch {progress['best_epoch']}: val AUC {progress['best_auc']:.4f} -> {args.model}"
+    )
 
 
 if __name__ == "__main__":

@@ -20,11 +20,22 @@ TINY_PARAMS = {
     "epochs": 2,
     "batch_size": 16,
     "data": {"demo_patients": 40, "demo_min_side": 48, "demo_max_side": 80},
-    "preprocess": {"workers": 1},
-    "train": {"patience": 2, "threads": 2},
+    "train": {"patience": 2},
+    "runtime": {"workers": 1, "threads": 2},
     "evaluate": {"bootstrap": 50},
     "gradcam": {"per_outcome": 1, "score_images": 8},
 }
+
+
+def stage_argv(folder: Path, stage: str) -> list[str]:
+    """The paths dvc.yaml gives a stage on its command line (after `python -m stages.x`)."""
+    stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
+    return stages[stage]["cmd"].split()[3:]
+
+
+def run_stage(folder: Path, stage: str, env: dict[str, str] | None = None) -> str:
+    """Run a stage as DVC would, in a subprocess, with the command line from dvc.yaml."""
+    return sh(folder, sys.executable, "-m", f"stages.{stage}", *stage_argv(folder, stage), env=env)
 
 
 def set_params(folder: Path, overrides: dict) -> None:
@@ -88,5 +99,5 @@ def prepared_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project whose download, split and preprocess stages have run (read-only use)."""
     folder = copy_project(tmp_path_factory.mktemp("prepared") / "project")
     for stage in ("download", "split", "preprocess"):
-        sh(folder, sys.executable, "-m", f"stages.{stage}")
+        run_stage(folder, stage)
     return folder

@@ -6,20 +6,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+import yaml
 
 from cxr import processed
 from cxr.images import load_square
 from cxr.params import ParamsError
 from cxr.stage import StageError
 from stages import download, preprocess, split
-from tests.conftest import set_params, sh, tool_env
+from tests.conftest import set_params, sh, stage_argv, tool_env
 
 
 def _run_data_stages() -> None:
-    download.main()
-    split.main()
-    preprocess.main()
+    download.main(stage_argv(Path("."), "download"))
+    split.main(stage_argv(Path("."), "split"))
+    preprocess.main(stage_argv(Path("."), "preprocess"))
 
 
 def _local_source(folder: Path) -> Path:
@@ -86,43 +86,60 @@ def test_broken_files_are_reported_by_name_and_excluded(project: Path, tmp_path:
     assert not index["path"].str.contains("person90[012]_").any()
 
 
+def test_relative_local_path_is_relative_to_the_project_dvc_names(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # `dvc exp run --queue/--temp` runs in .dvc/tmp/exps/<run>/ and sets DVC_ROOT to the project.
+    _local_source(project / "xrays")
+    workspace = project / ".dvc" / "tmp" / "exps" / "run1"
+    shutil.copytree(project, workspace, ignore=shutil.ignore_patterns(".dvc", "xrays"))
+    set_params(workspace, {"data": {"source": "local", "local_path": "xrays"}})
+    monkeypatch.chdir(workspace)
+    with pytest.raises(StageError, match="xrays"):
+        download.main(stage_argv(Path("."), "download"))
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    download.main(stage_argv(Path("."), "download"))
+    manifest = pd.read_csv("data/raw/manifest.csv", keep_default_na=False)
+    assert len(manifest) == sum(1 for p in (project / "xrays").rglob("*") if p.is_file())
+
+
 def test_missing_class_folder_fails_before_writing(project: Path, tmp_path: Path):
     source = _local_source(tmp_path / "source")
     shutil.rmtree(source / "test" / "NORMAL")
     set_params(project, {"data": {"source": "local", "local_path": str(source)}})
     with pytest.raises(StageError, match=r"test/NORMAL"):
-        download.main()
+        download.main(stage_argv(Path("."), "download"))
     assert not Path("data/raw").exists()
 
 
 def test_unknown_source_fails_before_any_work(project: Path):
     set_params(project, {"data": {"source": "ftp"}})
     with pytest.raises(ParamsError, match=r"data\.source: 'ftp' is not one of"):
-        download.main()
+        download.main(stage_argv(Path("."), "download"))
     assert not Path("data").exists()
 
 
 def test_empty_split_is_a_clear_error(project: Path):
-    download.main()
-    split.main()
+    download.main(stage_argv(Path("."), "download"))
+    split.main(stage_argv(Path("."), "split"))
     table = pd.read_csv("data/splits/split.csv", keep_default_na=False)
     table.loc[table["split"] == "val", "split"] = "excluded"
     table.to_csv("data/splits/split.csv", index=False)
     with pytest.raises(StageError, match="the val split is empty"):
-        preprocess.main()
+        preprocess.main(stage_argv(Path("."), "preprocess"))
     assert not Path("data/processed").exists()
 
 
 def test_interrupted_preprocess_leaves_no_output(project: Path, monkeypatch: pytest.MonkeyPatch):
-    download.main()
-    split.main()
+    download.main(stage_argv(Path("."), "download"))
+    split.main(stage_argv(Path("."), "split"))
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(processed, "normalization_stats", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        preprocess.main()
+        preprocess.main(stage_argv(Path("."), "preprocess"))
     assert not Path("data/processed").exists()
     assert not list(Path("data").glob(".processed*"))
 
@@ -138,4 +155,6 @@ def test_dvc_repro_builds_data_then_has_nothing_to_do(project: Path, tmp_path: P
     assert Path("dvc.lock").is_file()
     again = sh(project, sys.executable, "-m", "dvc", "repro", "preprocess", env=env)
     assert "Running stage" not in again
-    assert Image.open(sorted(Path("data/raw/train/NORMAL").iterdir())[0]).size
+    lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
+    assert lock["preprocess"]["params"]["params.yaml"]["image_size"] == 32
+    assert lock["download"]["params"]["params.yaml"]["data"]["source"] == "demo"

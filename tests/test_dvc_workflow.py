@@ -1,13 +1,18 @@
 """The review workflow end to end, as a user types it: repro, exp run -S, metrics/plots diff."""
 
 import json
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
+from dvc.repo import Repo
 
-from tests.conftest import copy_project, sh, tool_env
+from cxr.params import as_flat_dict, load_params
+from tests.conftest import copy_project, set_params, sh, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +48,45 @@ def test_repro_runs_every_stage_then_nothing(repo):
     assert "Running stage" not in dvc(repo, "repro")
 
 
+def _changed(value):
+    """Another value of the same type, valid or not: DVC compares values, it does not check them."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    return f"{value}-changed"
+
+
+def _nested(key: str, value) -> dict:
+    head, _, rest = key.partition(".")
+    return {head: _nested(rest, value) if rest else value}
+
+
+def test_each_param_makes_exactly_the_stages_that_read_it_stale(repo):
+    """The end-to-end half of tests/test_contracts.py: DVC itself, one param at a time."""
+    folder, _ = repo
+    params_file = folder / "params.yaml"
+    original = params_file.read_text()
+    stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
+    declared = {name: stage.get("params", []) for name, stage in stages.items()}
+    keys = as_flat_dict(load_params(params_file))
+    try:
+        for key, value in keys.items():
+            set_params(folder, _nested(key, _changed(value)))
+            with Repo(str(folder)) as dvc_repo:
+                stale = {address.split(":")[-1] for address in dvc_repo.status()}
+            expected = {
+                name for name, entries in declared.items()
+                if any(key == d or key.startswith(f"{d}.") for d in entries)
+            }  # fmt: skip
+            assert stale == expected, key
+            params_file.write_text(original)
+    finally:
+        params_file.write_text(original)
+    assert {"train"} == {n for n, e in declared.items() if "train" in e}  # ema_decay included
+    assert len(keys) > 40
+
+
 def test_metrics_show_parses_every_metrics_file(repo):
     shown = json.loads(dvc(repo, "metrics", "show", "--json"))
     (workspace,) = shown.values()
@@ -58,15 +102,18 @@ def test_exp_run_with_set_param_reaches_the_optimizer_as_a_float(repo):
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
+        filter_string="tags.`dvc.exp_name` = 'small-lr'",
         order_by=["attributes.start_time ASC"],
     )
-    assert len(runs) == 2
-    experiment_run = runs[-1]
-    assert experiment_run.data.params["lr"] == "1e-05"
-    assert experiment_run.data.tags["dvc.exp_name"] == "small-lr"
-    (first_lr, *_) = client.get_metric_history(experiment_run.info.run_id, "lr")
+    # One training run and one child run per later stage, all tagged with the experiment.
+    assert [r.data.tags.get("dvc.stage") for r in runs] == ["train", "evaluate", "gradcam"]
+    training_run = runs[0]
+    assert training_run.data.params["lr"] == "1e-05"
+    (first_lr, *_) = client.get_metric_history(training_run.info.run_id, "lr")
     assert first_lr.value == 1e-5
-    assert "test_roc_auc" in experiment_run.data.metrics
+    for child in runs[1:]:
+        assert child.data.tags["mlflow.parentRunId"] == training_run.info.run_id
+    assert "test_roc_auc" in runs[1].data.metrics
 
 
 def test_exp_show_and_metrics_diff_show_the_change(repo):
@@ -99,3 +146,48 @@ def test_plots_show_and_diff_render_every_curve(repo):
     assert "montage.png" in html
     dvc(repo, "plots", "diff", "HEAD", "-o", "diffed")
     assert "ROC curve" in (folder / "diffed" / "index.html").read_text()
+
+
+def _wait_for_queue(repo: tuple[Path, dict[str, str]], timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = dvc(repo, "queue", "status")
+        if "Queued" not in status and "Running" not in status:
+            return status
+        time.sleep(5)
+    pytest.fail(f"the queue did not finish in {timeout_s} s:\n{status}")
+
+
+def test_queued_experiments_run_two_at_a_time_from_a_fresh_clone(
+    repo, tmp_path_factory: pytest.TempPathFactory
+):
+    """`dvc queue start -j 2` runs in .dvc/tmp/exps/, against a fresh MLflow store, at once."""
+    folder, env = repo
+    clone = tmp_path_factory.mktemp("queue") / "clone"
+    sh(folder.parent, "git", "clone", "-q", str(folder), str(clone), env=env)
+    for split in ("train", "val", "test"):  # beside the clone, as ../shared is beside a checkout
+        shutil.copytree(folder / "data/raw" / split, clone.parent / "xrays" / split)
+    env = {**env, "MLFLOW_TRACKING_URI": ""}  # the project's own store, created by the runs
+    queue = (clone, env)
+    # Two workers, one thread each: two 2-thread processes on 2 cores would thrash.
+    set_params(
+        clone,
+        {"data": {"source": "local", "local_path": "../xrays"}, "runtime": {"threads": 1}},
+    )
+    sh(clone, "git", "commit", "-qam", "local source, relative path", env=env)
+    for setting in ("lr=0.002", "lr=0.003", "seed=1"):
+        dvc(queue, "exp", "run", "--queue", "-S", setting)
+    dvc(queue, "queue", "start", "-j", "2")
+    status = _wait_for_queue(queue, timeout_s=900)
+    assert status.count("Success") == 3, status
+    assert "Failed" not in status
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{clone / 'mlruns' / 'mlflow.db'}")
+    (experiment,) = client.search_experiments()
+    runs = client.search_runs([experiment.experiment_id])
+    by_stage = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags["dvc.stage"], []).append(run.data.tags["dvc.exp_name"])
+    # Each experiment: one training run and one evaluation record, under its own name.
+    assert len(set(by_stage["train"])) == len(by_stage["train"]) == 3
+    assert sorted(by_stage["evaluate"]) == sorted(by_stage["train"])

@@ -27,8 +27,8 @@ def test_every_8bit_mode_becomes_the_same_grayscale(tmp_path: Path, mode: str):
     out = load_square(path, 30, "stretch")
     assert out.shape == (30, 30)
     assert out.dtype == np.uint8
-    tolerance = 130 if mode == "1" else 8  # 1-bit keeps only black and white
-    assert np.abs(out.astype(int) - _reference(path, 30).astype(int)).mean() < tolerance
+    # The reference decodes the same file, so 1-bit (dithered black and white) needs no slack.
+    assert np.abs(out.astype(int) - _reference(path, 30).astype(int)).mean() < 8
 
 
 def test_16bit_png_is_stretched_to_8bit(tmp_path: Path):

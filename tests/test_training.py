@@ -1,4 +1,3 @@
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -7,18 +6,43 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from cxr import training
+from cxr.device import autocast_dtype, grad_scaler
 from cxr.model import Classifier, ModelCard, create_model, save_model
-from cxr.params import AugmentParams, Params, load_params
-from cxr.training import DeviceData, Trainer, TrainState, augment, set_backbone_frozen
+from cxr.params import AugmentParams, Params, ParamsError, load_params
+from cxr.training import (
+    DeviceData,
+    Numerics,
+    Run,
+    create_run,
+    fit,
+    new_progress,
+    set_backbone_frozen,
+    train_one_epoch,
+)
+from cxr.training import augment as augment_batch
 from tests.conftest import REPO
 
 SIZE = 32
 
 
+CPU = Numerics(torch.device("cpu"), None, torch.contiguous_format, mean=0.2, std=0.2)
+LOSS = torch.nn.BCEWithLogitsLoss()
+
+
+def replace(params: Params, **changes) -> Params:
+    """A copy with some settings changed; `train=dict(...)` changes keys inside train."""
+    nested = {
+        k: getattr(params, k).model_copy(update=v)
+        for k, v in changes.items()
+        if isinstance(v, dict)
+    }
+    return params.model_copy(update={**changes, **nested})
+
+
 @pytest.fixture
 def params() -> Params:
-    base = load_params(REPO / "params.yaml")
-    return dataclasses.replace(base, image_size=SIZE, batch_size=16, lr=2e-3, epochs=4)
+    return replace(load_params(REPO / "params.yaml"), batch_size=16, lr=2e-3, epochs=4)
 
 
 def _squares(n: int, seed: int) -> DeviceData:
@@ -32,41 +56,66 @@ def _squares(n: int, seed: int) -> DeviceData:
     return DeviceData.from_arrays(images, labels, torch.device("cpu"))
 
 
-def _trainer(params: Params, seed: int = 0) -> Trainer:
+def _run(params: Params, seed: int = 0) -> Run:
     torch.manual_seed(seed)
-    model = create_model("resnet10t", "none")
-    trainer = Trainer(model, params, torch.device("cpu"), mean=0.2, std=0.2, pos_weight=1.0)
-    trainer.make_scheduler(steps_per_epoch=4)
-    return trainer
+    return create_run(
+        create_model("resnet10t", "none"), params, CPU, steps_per_epoch=4, compile=False
+    )
+
+
+def _epoch(run: Run, data: DeviceData, params: Params, epoch: int = 1) -> float:
+    return train_one_epoch(run, data, params, CPU, LOSS, epoch)[0]
 
 
 def test_a_few_epochs_lower_the_loss(params: Params):
-    trainer = _trainer(params)
+    run = _run(params)
     data = _squares(64, seed=0)
-    losses = [trainer.train_epoch(data, epoch, frozen=False)[0] for epoch in range(1, 5)]
+    losses = [_epoch(run, data, params, epoch) for epoch in range(1, 5)]
     assert losses[-1] < 0.7 * losses[0]
 
 
 def test_training_is_deterministic_on_cpu(params: Params):
     states = []
     for _ in range(2):
-        trainer = _trainer(params)
-        trainer.train_epoch(_squares(32, seed=1), 1, frozen=False)
-        states.append(trainer.model.state_dict())
+        run = _run(params)
+        _epoch(run, _squares(32, seed=1), params)
+        states.append(run.model.state_dict())
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
 
 
-def test_weight_averaging_validates_and_keeps_the_running_average(params: Params):
+def test_no_weight_decay_on_norm_weights_and_biases(params: Params):
+    run = _run(replace(params, train={"weight_decay": 0.05}))
+    decay = {id(p): g["weight_decay"] for g in run.optimizer.param_groups for p in g["params"]}
+    for name, parameter in run.model.named_parameters():
+        assert decay[id(parameter)] == (0.05 if parameter.ndim > 1 else 0.0), name
+    assert sum(p.ndim == 1 for p in run.model.parameters()) > 10  # biases and norm weights
+
+
+def test_mixed_precision_is_what_was_asked_for_or_an_error():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None
+    assert autocast_dtype("fp32", cpu) is None
+    for precision in ("fp16", "bf16"):
+        with pytest.raises(ParamsError, match=f"train.precision: {precision} needs a CUDA device"):
+            autocast_dtype(precision, cpu)
+    assert isinstance(grad_scaler(torch.float16, cpu), torch.amp.GradScaler)  # fp16 only
+    assert grad_scaler(torch.bfloat16, cpu) is None
+    assert grad_scaler(None, cpu) is None
+
+
+def test_weight_averaging_validates_and_keeps_the_running_average(
+    params: Params, monkeypatch: pytest.MonkeyPatch
+):
     decay = 0.8
-    params = dataclasses.replace(params, train=dataclasses.replace(params.train, ema_decay=decay))
-    trainer = _trainer(params)
+    params = replace(params, train={"ema_decay": decay})
+    run = _run(params)
     data = _squares(16, seed=2)  # one batch: one optimizer step per epoch
     snapshots = []
     for epoch in (1, 2):
-        trainer.train_epoch(data, epoch, frozen=False)
-        snapshots.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
-    averaged = trainer.kept_model.state_dict()
+        _epoch(run, data, params, epoch)
+        snapshots.append({k: v.clone() for k, v in run.model.state_dict().items()})
+    averaged = run.kept_model.state_dict()
     for key, value in averaged.items():
         if value.is_floating_point():
             expected = decay * snapshots[0][key] + (1 - decay) * snapshots[1][key]
@@ -74,48 +123,58 @@ def test_weight_averaging_validates_and_keeps_the_running_average(params: Params
     assert not torch.equal(averaged["fc.weight"], snapshots[1]["fc.weight"])
 
     aucs = iter([0.6, 0.7, 0.8, 0.9])  # every epoch is the best so far: the last one is kept
-    trainer.validate = lambda data: (0.5, next(aucs))
-    state = trainer.fit(data, data, TrainState(), lambda record, state: None)
-    assert state.best_epoch == 4
-    kept, last = state.best_state, trainer.model.state_dict()
-    for key, value in trainer.kept_model.state_dict().items():
+    monkeypatch.setattr(training, "validate", lambda *args: (0.5, next(aucs)))
+    progress = fit(run, data, data, params, CPU, LOSS, new_progress(), lambda progress: None)
+    assert progress["best_epoch"] == 4
+    kept, last = progress["best_state"], run.model.state_dict()
+    for key, value in run.kept_model.state_dict().items():
         assert torch.equal(kept[key], value), key
     assert not torch.equal(kept["fc.weight"], last["fc.weight"])
 
 
 def test_frozen_backbone_trains_only_the_head(params: Params):
-    trainer = _trainer(params)
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer.train_epoch(_squares(32, seed=2), 1, frozen=True)
-    after = trainer.model.state_dict()
-    head = {f"fc.{name}" for name, _ in trainer.model.get_classifier().named_parameters()}
+    params = replace(params, train={"freeze_epochs": 1})
+    run = _run(params)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    _epoch(run, _squares(32, seed=2), params, epoch=1)
+    after = {k: v.clone() for k, v in run.model.state_dict().items()}
+    head = {f"fc.{name}" for name, _ in run.model.get_classifier().named_parameters()}
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == head  # BatchNorm statistics stay frozen too
-    set_backbone_frozen(trainer.model, False)
-    assert all(p.requires_grad for p in trainer.model.parameters())
+    _epoch(run, _squares(32, seed=2), params, epoch=2)
+    assert all(p.requires_grad for p in run.model.parameters())
+    assert not torch.equal(after["conv1.0.weight"], run.model.state_dict()["conv1.0.weight"])
+    set_backbone_frozen(run.model, True)
+    assert [p.requires_grad for p in run.model.parameters()].count(True) == len(head)
 
 
 def test_augmentation_keeps_shape_and_range_and_can_be_switched_off():
     x = torch.rand(8, 1, SIZE, SIZE)
     generator = torch.Generator().manual_seed(0)
-    out = augment(x, AugmentParams(10.0, 0.1, 0.05, True, 0.1, 0.1), generator)
+    settings = dict(rotation_deg=10, zoom=0.1, translate=0.05, hflip=True, brightness=0.1)
+    out = augment_batch(x, AugmentParams(**settings, contrast=0.1), generator)
     assert out.shape == x.shape
-    assert out.min() >= 0 and out.max() <= 1
-    assert not torch.allclose(out, x)
-    identity = augment(x, AugmentParams(0.0, 0.0, 0.0, False, 0.0, 0.0), generator)
-    assert torch.allclose(identity, x, atol=1e-5)
+    assert (out - x).abs().mean() > 0.05
+    off = dict.fromkeys(settings, 0) | {"hflip": False}
+    identity = augment_batch(x, AugmentParams(**off, contrast=0.0), generator)
+    torch.testing.assert_close(identity, x, atol=1e-5, rtol=0)
+    mirrored = augment_batch(x, AugmentParams(**off | {"hflip": True}, contrast=0.0), generator)
+    flipped = [torch.allclose(m, i.flip(-1), atol=1e-5) for m, i in zip(mirrored, x, strict=True)]
+    unchanged = [torch.allclose(m, i, atol=1e-5) for m, i in zip(mirrored, x, strict=True)]
+    assert all(f or u for f, u in zip(flipped, unchanged, strict=True))
+    assert 0 < sum(flipped) < len(x)  # about half of the batch is mirrored
 
 
 def test_saved_model_reloads_and_predicts_identically(tmp_path: Path, params: Params):
-    trainer = _trainer(params)
-    trainer.train_epoch(_squares(32, seed=3), 1, frozen=False)
+    run = _run(params)
+    _epoch(run, _squares(32, seed=3), params)
     card = ModelCard(arch="resnet10t", image_size=SIZE, resize="pad", mean=0.2, std=0.2)
-    save_model(tmp_path / "model.pt", trainer.model, card)
+    save_model(tmp_path / "model.pt", run.model, card)
     loaded = Classifier.load(tmp_path / "model.pt")
     images = _squares(8, seed=4).images.numpy()
-    trainer.model.eval()
+    run.model.eval()
     with torch.no_grad():
-        expected = torch.sigmoid(trainer.model(loaded.to_tensor(images))).squeeze(1).numpy()
+        expected = torch.sigmoid(run.model(loaded.to_tensor(images))).squeeze(1).numpy()
     np.testing.assert_array_equal(loaded.predict_proba(images), expected)
     assert loaded.card == card
     assert loaded.threshold == 0.5  # until the evaluate stage stores one beside it
@@ -124,10 +183,10 @@ def test_saved_model_reloads_and_predicts_identically(tmp_path: Path, params: Pa
 
 
 def test_flip_tta_averages_an_image_and_its_mirror(tmp_path: Path, params: Params):
-    trainer = _trainer(params)
-    trainer.train_epoch(_squares(32, seed=3), 1, frozen=False)
+    run = _run(params)
+    _epoch(run, _squares(32, seed=3), params)
     card = ModelCard(arch="resnet10t", image_size=SIZE, resize="pad", mean=0.2, std=0.2)
-    save_model(tmp_path / "model.pt", trainer.model, card)
+    save_model(tmp_path / "model.pt", run.model, card)
     (tmp_path / "threshold.json").write_text('{"threshold": 0.4, "flip_tta": true}')
     classifier = Classifier.load(tmp_path / "model.pt")
     assert classifier.flip_tta and classifier.threshold == 0.4
@@ -166,7 +225,7 @@ def test_local_weights_load_through_timm_pretrained_path(tmp_path: Path, suffix:
 
 
 def test_missing_or_incompatible_weights_name_the_file(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match=r"model\.pretrained: weights file .*nowhere\.pth"):
+    with pytest.raises(ParamsError, match=r"model\.pretrained: weights file .*nowhere\.pth"):
         create_model("resnet10t", str(tmp_path / "nowhere.pth"))
     other = tmp_path / "densenet.pth"
     torch.save(timm.create_model("densenet121", pretrained=False).state_dict(), other)
@@ -182,18 +241,16 @@ def test_missing_or_incompatible_weights_name_the_file(tmp_path: Path):
         create_model("no_such_net", "none")
 
 
-def test_fit_stops_early_and_keeps_the_best_epoch(params: Params):
-    params = dataclasses.replace(
-        params, epochs=6, train=dataclasses.replace(params.train, patience=1)
-    )
-    trainer = _trainer(params)
-    trainer.make_scheduler(steps_per_epoch=4)
+def test_fit_stops_early_and_keeps_the_best_epoch(params: Params, monkeypatch: pytest.MonkeyPatch):
+    params = replace(params, epochs=6, train={"patience": 1})
+    run = _run(params)
     aucs = iter([0.6, 0.9, 0.8, 0.95, 0.7, 0.7])
-    trainer.validate = lambda data: (0.5, next(aucs))
-    records = []
-    state = trainer.fit(
-        _squares(32, 5), _squares(16, 6), TrainState(), lambda r, s: records.append(r)
-    )
-    assert [r.epoch for r in records] == [1, 2, 3]
-    assert (state.best_epoch, state.best_auc) == (2, 0.9)
-    assert state.best_state is not None
+    monkeypatch.setattr(training, "validate", lambda *args: (0.5, next(aucs)))
+    epochs = []
+    progress = fit(
+        run, _squares(32, 5), _squares(16, 6), params, CPU, LOSS, new_progress(),
+        lambda progress: epochs.append(progress["history"][-1]["epoch"]),
+    )  # fmt: skip
+    assert epochs == [1, 2, 3]
+    assert (progress["best_epoch"], progress["best_auc"]) == (2, 0.9)
+    assert progress["best_state"]["fc.weight"].shape == (1, 512)
