@@ -114,7 +114,8 @@ def test_missing_class_folder_fails_before_writing(project: Path, tmp_path: Path
 
 def test_unknown_source_fails_before_any_work(project: Path):
     set_params(project, {"data": {"source": "ftp"}})
-    with pytest.raises(ParamsError, match=r"data\.source: 'ftp' is not one of"):
+    expected = r"data\.source: Input should be 'demo', 'kaggle', 'url' or 'local', got 'ftp'"
+    with pytest.raises(ParamsError, match=expected):
         download.main(stage_argv(Path("."), "download"))
     assert not Path("data").exists()
 
