@@ -183,7 +183,7 @@ def test_queued_experiments_run_two_at_a_time_from_a_fresh_clone(
     assert "Failed" not in status
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{clone / 'mlruns' / 'mlflow.db'}")
-    (experiment,) = client.search_experiments()
+    (experiment,) = client.search_experiments(filter_string="name = 'chest-xray-pneumonia'")
     runs = client.search_runs([experiment.experiment_id])
     by_stage = {}
     for run in runs:
