@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,12 @@ from cxr.params import ParamsError
 
 class StageError(RuntimeError):
     """An expected failure (bad input, missing data) whose message says what to fix."""
+
+
+def project_root() -> Path:
+    """The project DVC runs in; `dvc exp run --queue/--temp` runs stages in a copy under
+    .dvc/tmp/exps/ and names the real project in DVC_ROOT."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 def paths(doc: str, *names: str, argv: list[str] | None = None) -> argparse.Namespace:

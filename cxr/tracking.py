@@ -30,13 +30,11 @@ from mlflow.protos.databricks_pb2 import (
     ErrorCode,
 )
 
+from cxr.stage import project_root
+
 # Creating the SQLite schema runs every alembic migration, which takes seconds; a generous bound
 # still turns a wedged lock holder into an error instead of a stage that hangs forever.
 STORE_LOCK_TIMEOUT_S = 300.0
-
-
-def project_root() -> Path:
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 def tracking_uri(configured: str) -> str:

@@ -6,7 +6,6 @@ where the images came from.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -16,19 +15,16 @@ from cxr.atomic import atomic_path
 from cxr.dataset import build_manifest
 from cxr.demo import generate_demo_dataset
 from cxr.params import DataParams, load_params
-from cxr.stage import StageError, paths, run
+from cxr.stage import StageError, paths, project_root, run
 
 DOWNLOAD_CACHE = Path(".cache/downloads")
 LESION_COLUMNS = ["path", "x0", "y0", "x1", "y1"]
 
 
 def local_folder(path: str) -> Path:
-    """A relative `data.local_path` means relative to the project, not to the working folder.
-
-    `dvc exp run --queue/--temp` runs stages in a copy under .dvc/tmp/exps/, where a path like
-    ../shared/... would point elsewhere; DVC names the real project in DVC_ROOT.
-    """
-    return Path(os.environ.get("DVC_ROOT", ".")) / path
+    """A relative `data.local_path` is relative to the project, not to the working folder,
+    which for a queued experiment is a copy where ../shared/... points elsewhere."""
+    return project_root() / path
 
 
 def fetch(data: DataParams, dest: Path) -> pd.DataFrame:
