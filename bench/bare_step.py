@@ -84,7 +84,7 @@ def prepare(args: argparse.Namespace, mean: float, std: float) -> Setup:
         raise SystemExit(f"error: {err}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    layout = memory_format(params.runtime.channels_last, device)
+    layout = memory_format(params.runtime.channels_last)
     numerics = Numerics(device, dtype, layout, mean, std)
     torch.manual_seed(params.seed)
     model = create_model(params.model.arch, "none", params.model.drop_rate)

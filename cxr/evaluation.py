@@ -36,21 +36,44 @@ DIGITS = 5
 
 
 def choose_threshold(
-    labels: ArrayLike, probs: ArrayLike, strategy: str, fixed: float, target_sensitivity: float
+    labels: ArrayLike,
+    probs: ArrayLike,
+    strategy: str,
+    fixed: float,
+    target_sensitivity: float,
+    tolerance: float = 0.0,
 ) -> float:
-    """Pick the operating point from VALIDATION data, so test metrics stay an unbiased estimate."""
+    """Pick the operating point from VALIDATION data, so test metrics stay an unbiased estimate.
+
+    `youden` takes the threshold with the largest sensitivity + specificity - 1 (J). On a nearly
+    separable validation set J is flat over a wide range of thresholds, and its argmax is the
+    plateau's low edge, the riskiest place to stand when the test population shifts.
+    `youden_middle` takes the middle, in logit space, of the thresholds whose J is within
+    `tolerance` of the best. `sensitivity` takes the highest threshold reaching the target.
+    """
     if strategy == "fixed":
         return float(fixed)
-    if strategy not in ("youden", "sensitivity"):
+    if strategy not in ("youden", "youden_middle", "sensitivity"):
         raise ValueError(f"unknown threshold strategy {strategy!r}")
     labels, probs = _arrays(labels, probs)
     if np.unique(labels).size < 2:
         raise ValueError(f"threshold strategy {strategy!r} needs both classes in the labels")
     # Every distinct score is a candidate: dropped "intermediate" points could hold the optimum.
     fpr, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
+    thresholds = np.clip(thresholds, 0.0, 1.0)  # the first threshold is inf
+    if strategy == "youden_middle":
+        j = tpr - fpr
+        plateau = thresholds[j >= j.max() - tolerance]
+        low, high = _logit(plateau.min()), _logit(plateau.max())
+        return float(1 / (1 + math.exp(-(low + high) / 2)))
     # Thresholds fall along the curve, so argmax's first hit is the highest qualifying threshold.
     best = np.argmax(tpr - fpr if strategy == "youden" else tpr >= target_sensitivity)
-    return float(np.clip(thresholds[best], 0.0, 1.0))  # the first threshold is inf
+    return float(thresholds[best])
+
+
+def _logit(p: float, eps: float = 1e-6) -> float:
+    p = min(max(p, eps), 1 - eps)
+    return math.log(p / (1 - p))
 
 
 def classification_metrics(

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 ResizeMode = Literal["pad", "crop", "stretch"]
+Intensity = Literal["raw", "equalize"]
 
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
 _EXIF_ORIENTATION = 0x0112
@@ -66,12 +67,16 @@ def image_size(path: Path) -> tuple[int, int]:
         raise ImageDecodeError(f"{path}: {_reason(err)}") from None
 
 
-def load_square(path: Path, size: int, mode: ResizeMode) -> np.ndarray:
+def load_square(
+    path: Path, size: int, mode: ResizeMode, intensity: Intensity = "raw"
+) -> np.ndarray:
     """Decode an image file once into a size x size uint8 grayscale array.
 
     Handles every JPEG/PNG mode (RGB, RGBA, palette, 16-bit, 1-bit) and EXIF orientation.
     Large JPEGs are decoded at a reduced DCT scale (draft mode), which is several times faster
     than a full decode and loses nothing once the image is shrunk to the network's size.
+    `intensity="equalize"` equalizes each image's histogram, which removes the exposure and
+    contrast differences between X-ray machines and settings before the network sees them.
     """
     try:
         with Image.open(path) as img:
@@ -84,7 +89,7 @@ def load_square(path: Path, size: int, mode: ResizeMode) -> np.ndarray:
             gray = to_grayscale(upright)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"{path}: {_reason(err)}") from None
-    return place_in_square(gray, square_geometry(width, height, size, mode))
+    return place_in_square(gray, square_geometry(width, height, size, mode), intensity)
 
 
 def to_grayscale(img: Image.Image) -> Image.Image:
@@ -97,10 +102,14 @@ def to_grayscale(img: Image.Image) -> Image.Image:
     return img if img.mode == "L" else img.convert("L")
 
 
-def place_in_square(gray: Image.Image, geometry: SquareGeometry) -> np.ndarray:
+def place_in_square(
+    gray: Image.Image, geometry: SquareGeometry, intensity: Intensity = "raw"
+) -> np.ndarray:
     resized = gray.resize(
         (geometry.resized_width, geometry.resized_height), Image.Resampling.BILINEAR
     )
+    if intensity == "equalize":  # before padding, so the black border does not count
+        resized = ImageOps.equalize(resized)
     canvas = Image.new("L", (geometry.size, geometry.size), 0)
     canvas.paste(resized, (int(geometry.offset_x), int(geometry.offset_y)))
     return np.asarray(canvas, dtype=np.uint8)

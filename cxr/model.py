@@ -19,7 +19,7 @@ from torch import nn
 
 from cxr.atomic import atomic_path
 from cxr.dataset import CLASSES
-from cxr.images import ResizeMode, load_square
+from cxr.images import Intensity, ResizeMode, load_square
 from cxr.params import ParamsError
 
 # Stored beside the model by the evaluate stage, which picks the threshold (and whether to
@@ -100,6 +100,7 @@ class ModelCard:
     resize: ResizeMode
     mean: float
     std: float
+    intensity: Intensity = "raw"
     class_names: tuple[str, ...] = CLASSES
     mlflow_run_id: str = ""
 
@@ -146,7 +147,7 @@ class Classifier:
         return normalize(pixels.to(device), self.card.mean, self.card.std)
 
     def load_image(self, path: Path) -> np.ndarray:
-        return load_square(path, self.card.image_size, self.card.resize)
+        return load_square(path, self.card.image_size, self.card.resize, self.card.intensity)
 
     @torch.no_grad()
     def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

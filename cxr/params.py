@@ -56,6 +56,7 @@ class SplitParams(Section):
 
 class PreprocessParams(Section):
     resize: Literal["pad", "crop", "stretch"]
+    intensity: Literal["raw", "equalize"]
 
 
 class ModelParams(Section):
@@ -75,10 +76,13 @@ class AugmentParams(Section):
 
 class TrainParams(Section):
     freeze_epochs: Count
+    unfreeze: Literal["all", "progressive"]
+    warmup_epochs: Count
     min_lr: NonNegative
     weight_decay: NonNegative
     imbalance: Literal["pos_weight", "sampler", "none"]
     patience: Annotated[int, Field(ge=1)]
+    monitor: Literal["auc", "loss"]
     label_smoothing: Annotated[float, Field(ge=0, le=0.4)]
     ema_decay: Annotated[float, Field(ge=0, lt=1)]
     precision: Literal["auto", "bf16", "fp16", "fp32"]
@@ -87,7 +91,8 @@ class TrainParams(Section):
 
 class EvaluateParams(Section):
     flip_tta: bool
-    threshold: Literal["fixed", "youden", "sensitivity"]
+    threshold: Literal["fixed", "youden", "youden_middle", "sensitivity"]
+    youden_tolerance: Annotated[float, Field(ge=0, le=0.5)]
     fixed_threshold: Annotated[float, Field(ge=0, le=1)]
     target_sensitivity: Annotated[float, Field(gt=0, le=1)]
     bootstrap: Count

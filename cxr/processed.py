@@ -20,7 +20,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from cxr.dataset import CLASSES
-from cxr.images import ImageDecodeError, ResizeMode, load_square
+from cxr.images import ImageDecodeError, Intensity, ResizeMode, load_square
 
 SPLITS = ("train", "val", "test")
 
@@ -32,18 +32,23 @@ class Decoded:
     error: str = ""
 
 
-def _decode(root: Path, size: int, mode: ResizeMode, path: str) -> Decoded:
+def _decode(root: Path, size: int, mode: ResizeMode, intensity: Intensity, path: str) -> Decoded:
     try:
-        return Decoded(path, load_square(root / path, size, mode))
+        return Decoded(path, load_square(root / path, size, mode, intensity))
     except ImageDecodeError as err:
         return Decoded(path, None, str(err))
 
 
 def decode_all(
-    root: Path, paths: list[str], size: int, mode: ResizeMode, workers: int
+    root: Path,
+    paths: list[str],
+    size: int,
+    mode: ResizeMode,
+    workers: int,
+    intensity: Intensity = "raw",
 ) -> list[Decoded]:
     """Decode images in parallel, in order; failures come back as errors, never exceptions."""
-    decode = partial(_decode, root, size, mode)
+    decode = partial(_decode, root, size, mode, intensity)
     workers = workers or os.cpu_count() or 1
     progress = dict(total=len(paths), unit="img", desc="decode", smoothing=0.1)
     if workers == 1:
@@ -65,7 +70,12 @@ def normalization_stats(images: np.ndarray, chunk: int = 512) -> tuple[float, fl
 
 
 def save_processed(
-    folder: Path, index: pd.DataFrame, pixels: list[np.ndarray], size: int, resize: str
+    folder: Path,
+    index: pd.DataFrame,
+    pixels: list[np.ndarray],
+    size: int,
+    resize: str,
+    intensity: str = "raw",
 ) -> None:
     """Write one array per split, the index, and the training split's normalization stats.
 
@@ -81,7 +91,9 @@ def save_processed(
             mean, std = normalization_stats(images)
     columns = ["split", "row", "path", "label", "patient_id", "width", "height"]
     index[columns].to_csv(folder / "index.csv", index=False)
-    stats = {"image_size": size, "resize": resize, "mean": mean, "std": std}
+    stats = {
+        "image_size": size, "resize": resize, "intensity": intensity, "mean": mean, "std": std
+    }  # fmt: skip
     (folder / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
+from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -89,9 +90,11 @@ def create_run(
     optimizer = create_optimizer_v2(
         model, "adamw", lr=params.lr, weight_decay=params.train.weight_decay
     )
-    # Cosine annealing from `lr` to `train.min_lr`, stepped every batch.
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=params.epochs * steps_per_epoch, eta_min=params.train.min_lr
+    scheduler = warmup_cosine(
+        optimizer,
+        warmup_steps=params.train.warmup_epochs * steps_per_epoch,
+        total_steps=params.epochs * steps_per_epoch,
+        min_lr=params.train.min_lr,
     )
     # Weight averaging: validation, early stopping and the saved model use the running average
     # of the weights (BatchNorm statistics included) instead of the last step's.
@@ -155,21 +158,53 @@ def augment(x: torch.Tensor, aug: AugmentParams, generator: torch.Generator) -> 
     return ((x - mean) * contrast + mean + brightness).clamp(0, 1)
 
 
-def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
-    """Freeze everything but the classifier head (transfer learning's first phase)."""
-    head = set(model.get_classifier().parameters())
-    for param in model.parameters():
-        param.requires_grad = not frozen or param in head
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr: float
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up to `lr`, then cosine annealing to `min_lr`, stepped every batch.
+
+    A network trained from scratch at a high learning rate can stall in its first updates
+    (BatchNorm statistics still settling); a short warm-up lets it start gently.
+    """
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=min_lr
+    )
+    if warmup_steps == 0:
+        return cosine
+    warmup = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1 / warmup_steps, total_iters=max(1, warmup_steps - 1)
+    )
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], [warmup_steps])
 
 
-def set_train_mode(model: nn.Module, frozen: bool) -> None:
-    """Frozen backbone keeps its BatchNorm statistics too, not only its weights."""
+def layer_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names from the stem to the head, in timm's coarse groups (stem, blocks, head)."""
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    return [groups[key] for key in sorted(groups)]
+
+
+def first_trainable_group(epoch: int, freeze_epochs: int, unfreeze: str, groups: int) -> int:
+    """Transfer learning's schedule: the head alone for `freeze_epochs`, then either the whole
+    network at once (`all`) or one more group per epoch from the top down (`progressive`)."""
+    head = groups - 1
+    if epoch <= freeze_epochs:
+        return head
+    if unfreeze == "all":
+        return 0
+    return max(0, head - (epoch - freeze_epochs))
+
+
+def set_trainable(model: nn.Module, groups: list[list[str]], first: int) -> None:
+    """Train groups `first`.. only; frozen groups keep their BatchNorm statistics too."""
+    trainable = {name for group in groups[first:] for name in group}
+    for name, param in model.named_parameters():
+        param.requires_grad = name in trainable
     model.train()
-    if frozen:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
-        model.get_classifier().train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            module.eval()
 
 
 def train_step(
@@ -202,9 +237,11 @@ def train_one_epoch(
     epoch: int,
 ) -> tuple[float, float]:
     """One pass over the training data; returns (mean loss, images per second)."""
-    frozen = epoch <= params.train.freeze_epochs
-    set_backbone_frozen(run.model, frozen)
-    set_train_mode(run.model, frozen)
+    groups = layer_groups(run.model)
+    first = first_trainable_group(
+        epoch, params.train.freeze_epochs, params.train.unfreeze, len(groups)
+    )
+    set_trainable(run.model, groups, first)
     balanced = params.train.imbalance == "sampler"
     batches = batch_order(data.labels, params.batch_size, balanced, run.order_rng)
     smoothing = params.train.label_smoothing
@@ -252,7 +289,7 @@ def new_progress() -> dict:
     """Where a run stands between epochs; it goes into the checkpoint as it is."""
     return {
         "epoch": 0,
-        "best_auc": -math.inf,
+        "best_score": -math.inf,
         "best_epoch": 0,
         "best_state": None,
         "stale_epochs": 0,
@@ -270,7 +307,8 @@ def fit(
     progress: dict,
     on_epoch_end: Callable[[dict], None],
 ) -> dict:
-    """Frozen-then-unfrozen epochs with early stopping on validation AUC; returns progress."""
+    """Frozen-then-unfrozen epochs, keeping the best epoch by `train.monitor` on validation and
+    stopping after `train.patience` epochs without a better one; returns progress."""
     for epoch in range(progress["epoch"] + 1, params.epochs + 1):
         lr = run.optimizer.param_groups[0]["lr"]
         train_loss, rate = train_one_epoch(run, train, params, numerics, loss_fn, epoch)
@@ -281,10 +319,12 @@ def fit(
              "lr": lr, "images_per_s": rate, "frozen": frozen}
         )  # fmt: skip
         progress["epoch"] = epoch
-        if val_auc > progress["best_auc"]:
+        # AUC saturates near 1 on an easy validation split; the loss keeps ranking epochs.
+        score = val_auc if params.train.monitor == "auc" else -val_loss
+        if score > progress["best_score"]:
             state = run.kept_model.state_dict()
             progress.update(
-                best_auc=val_auc,
+                best_score=score,
                 best_epoch=epoch,
                 best_state=copy.deepcopy({k: v.detach().cpu() for k, v in state.items()}),
                 stale_epochs=0,
@@ -298,7 +338,8 @@ def fit(
         )
         on_epoch_end(progress)
         if progress["stale_epochs"] >= params.train.patience:
-            print(f"early stop: no better validation AUC for {params.train.patience} epochs")
+            monitor, patience = params.train.monitor, params.train.patience
+            print(f"early stop: no better validation {monitor} for {patience} epochs")
             break
     return progress
 

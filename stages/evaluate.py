@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         settings.threshold,
         settings.fixed_threshold,
         settings.target_sensitivity,
+        settings.youden_tolerance,
     )
     report: dict = {"threshold": round(threshold, 6)}
     figures, predictions = [], []

@@ -33,10 +33,16 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params()
     require(args.raw, args.split_table)
     table = images_to_decode(args.raw, args.split_table)
-    size, resize = params.image_size, params.preprocess.resize
+    size, resize, intensity = (
+        params.image_size,
+        params.preprocess.resize,
+        params.preprocess.intensity,
+    )
 
     started = time.perf_counter()
-    decoded = decode_all(args.raw, table["path"].tolist(), size, resize, params.runtime.workers)
+    decoded = decode_all(
+        args.raw, table["path"].tolist(), size, resize, params.runtime.workers, intensity
+    )
     seconds = time.perf_counter() - started
     ok = [d.pixels is not None for d in decoded]
     rejected = pd.DataFrame(
@@ -47,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_path(args.processed) as tmp:
         tmp.mkdir()
         pixels = [d.pixels for d in decoded if d.pixels is not None]
-        save_processed(tmp, table[ok], pixels, size, resize)
+        save_processed(tmp, table[ok], pixels, size, resize, intensity)
         rejected.to_csv(tmp / "rejected.csv", index=False)
 
     for error in rejected["error"]:

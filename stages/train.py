@@ -66,7 +66,7 @@ def summarize(progress: dict, history: pd.DataFrame, wall_time: float) -> dict:
     best = history.loc[history["epoch"] == progress["best_epoch"]].iloc[0]
     return {
         "best_epoch": int(progress["best_epoch"]),
-        "best_val_auc": round(float(progress["best_auc"]), 5),
+        "best_val_auc": round(float(best["val_auc"]), 5),
         "best_val_loss": round(float(best["val_loss"]), 5),
         "epochs_run": int(progress["epoch"]),
         "wall_time_s": round(wall_time, 1),
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     numerics = Numerics(
         device,
         dtype,
-        memory_format(params.runtime.channels_last, device),
+        memory_format(params.runtime.channels_last),
         stats["mean"],
         stats["std"],
     )
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
             arch=params.model.arch,
             image_size=stats["image_size"],
             resize=stats["resize"],
+            intensity=stats["intensity"],
             mean=stats["mean"],
             std=stats["std"],
             mlflow_run_id=active.info.run_id,
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         log_model_to_mlflow(model, stats["image_size"])
     CHECKPOINT.unlink(missing_ok=True)
     print(
-        f"best epoch {progress['best_epoch']}: val AUC {progress['best_auc']:.4f} -> {args.model}"
+        f"best epoch {progress['best_epoch']} by validation {params.train.monitor} -> {args.model}"
     )
 
 

@@ -159,3 +159,16 @@ def test_dvc_repro_builds_data_then_has_nothing_to_do(project: Path, tmp_path: P
     lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
     assert lock["preprocess"]["params"]["params.yaml"]["image_size"] == 32
     assert lock["download"]["params"]["params.yaml"]["data"]["source"] == "demo"
+
+
+def test_equalize_option_reaches_the_arrays_and_the_stats(project: Path):
+    set_params(project, {"preprocess": {"intensity": "equalize"}})
+    _run_data_stages()
+    stats = json.loads(Path("data/processed/stats.json").read_text())
+    assert stats["intensity"] == "equalize"
+    index = pd.read_csv("data/processed/index.csv", keep_default_na=False)
+    images = np.load("data/processed/test.npy")
+    for row in index[index["split"] == "test"].head(3).itertuples():
+        expected = load_square(Path("data/raw") / row.path, 32, "pad", "equalize")
+        assert np.array_equal(images[row.row], expected)
+        assert not np.array_equal(expected, load_square(Path("data/raw") / row.path, 32, "pad"))

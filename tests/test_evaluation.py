@@ -197,6 +197,21 @@ def test_sensitivity_target_reached_exactly() -> None:
     assert chosen == pytest.approx(probs[18])  # 19 of 20 positives at or above it
 
 
+def test_youden_middle_takes_the_middle_of_the_plateau_in_logit_space() -> None:
+    # Separable scores: every threshold in (0.1, 0.9] gives J = 1, and Youden takes the edge
+    # that is a score, 0.9. With no tolerance the plateau's candidates are that one score.
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.array([0.01, 0.05, 0.1, 0.9, 0.95, 0.99])
+    assert choose_threshold(labels, probs, "youden", 0.5, 0.9) == pytest.approx(0.9)
+    assert choose_threshold(labels, probs, "youden_middle", 0.5, 0.9, 0.0) == pytest.approx(0.9)
+    # One negative may be lost: J = 2/3 at 0.1 is outside a tolerance of 0.1, inside 0.4.
+    assert choose_threshold(labels, probs, "youden_middle", 0.5, 0.9, 0.1) == pytest.approx(0.9)
+    # J >= 0.6 at 0.1 (2/3), 0.9 (1) and 0.95 (2/3): the middle of logit(0.1) and logit(0.95).
+    middle = choose_threshold(labels, probs, "youden_middle", 0.5, 0.9, 0.4)
+    assert middle == pytest.approx(1 / (1 + (0.9 / 0.1 * 0.05 / 0.95) ** 0.5))
+    assert _youden_j(labels, probs, middle) == 1.0
+
+
 @pytest.mark.parametrize(
     ("strategy", "expected"),
     [

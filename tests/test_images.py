@@ -101,3 +101,24 @@ def test_truncated_jpeg_raises_naming_the_file(tmp_path: Path):
     path.write_bytes(path.read_bytes()[:600])
     with pytest.raises(ImageDecodeError, match=r"cut\.jpeg"):
         load_square(path, 32, "pad")
+
+
+def test_equalize_spreads_a_dim_image_over_the_full_range_and_ignores_the_padding(
+    tmp_path: Path,
+):
+    dim = (_gradient(100, 50) // 4).astype(np.uint8)  # an under-exposed film: values 10-62
+    path = tmp_path / "dim.png"
+    Image.fromarray(dim, "L").save(path)
+    raw = load_square(path, 40, "pad")
+    equalized = load_square(path, 40, "pad", "equalize")
+    assert raw[10:30].max() < 70
+    assert equalized[10:30].min() < 10 and equalized[10:30].max() == 255
+    assert equalized[:10].max() == 0 and equalized[30:].max() == 0  # the bars stay black
+    # Equalization keeps the order of intensities: it only remaps gray levels.
+    order = np.argsort(raw[10:30].ravel(), kind="stable")
+    assert (np.diff(equalized[10:30].ravel()[order].astype(int)) >= 0).all()
+    # Two exposures of the same film come out nearly alike, which is the point of the option.
+    brighter = tmp_path / "bright.png"
+    Image.fromarray((dim.astype(int) * 3 + 20).astype(np.uint8), "L").save(brighter)
+    again = load_square(brighter, 40, "pad", "equalize")
+    assert np.abs(again.astype(int) - equalized.astype(int)).mean() < 3

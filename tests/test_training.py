@@ -1,13 +1,16 @@
+import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from cxr import training
 from cxr.device import autocast_dtype, grad_scaler
+from cxr.images import load_square
 from cxr.model import Classifier, ModelCard, create_model, save_model
 from cxr.params import AugmentParams, Params, ParamsError, load_params
 from cxr.training import (
@@ -15,10 +18,13 @@ from cxr.training import (
     Numerics,
     Run,
     create_run,
+    first_trainable_group,
     fit,
+    layer_groups,
     new_progress,
-    set_backbone_frozen,
+    set_trainable,
     train_one_epoch,
+    warmup_cosine,
 )
 from cxr.training import augment as augment_batch
 from tests.conftest import REPO
@@ -96,9 +102,11 @@ def test_mixed_precision_is_what_was_asked_for_or_an_error():
     cpu = torch.device("cpu")
     assert autocast_dtype("auto", cpu) is None
     assert autocast_dtype("fp32", cpu) is None
-    for precision in ("fp16", "bf16"):
-        with pytest.raises(ParamsError, match=f"train.precision: {precision} needs a CUDA device"):
-            autocast_dtype(precision, cpu)
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16  # CPU autocast runs bf16 kernels
+    with pytest.raises(ParamsError, match=r"train\.precision: fp16 needs a CUDA device, not cpu"):
+        autocast_dtype("fp16", cpu)
+    with pytest.raises(ParamsError, match=r"train\.precision: bf16 is not supported on this mps"):
+        autocast_dtype("bf16", torch.device("mps"))
     assert isinstance(grad_scaler(torch.float16, cpu), torch.amp.GradScaler)  # fp16 only
     assert grad_scaler(torch.bfloat16, cpu) is None
     assert grad_scaler(None, cpu) is None
@@ -144,8 +152,63 @@ def test_frozen_backbone_trains_only_the_head(params: Params):
     _epoch(run, _squares(32, seed=2), params, epoch=2)
     assert all(p.requires_grad for p in run.model.parameters())
     assert not torch.equal(after["conv1.0.weight"], run.model.state_dict()["conv1.0.weight"])
-    set_backbone_frozen(run.model, True)
-    assert [p.requires_grad for p in run.model.parameters()].count(True) == len(head)
+
+
+def test_progressive_unfreezing_adds_one_block_per_epoch_from_the_top(
+    tmp_path: Path, params: Params
+):
+    weights = tmp_path / "imagenet_like.safetensors"  # 3 channels, 1000 classes, as on the hub
+    save_file(timm.create_model("resnet10t", pretrained=False).state_dict(), str(weights))
+    params = replace(params, epochs=6, train={"freeze_epochs": 1, "unfreeze": "progressive"})
+    model = create_model("resnet10t", str(weights))
+    loaded = {k: v.clone() for k, v in model.state_dict().items()}
+    run = create_run(model, params, CPU, steps_per_epoch=2, compile=False)
+    groups = layer_groups(run.model)  # resnet10t: stem, layer1..layer4, head
+    assert [len(g) for g in groups] == [9, 6, 9, 9, 9, 2]
+    assert groups[-1] == ["fc.weight", "fc.bias"] and groups[1][0].startswith("layer1.")
+    data, changed_by_epoch = _squares(32, seed=2), []
+    for epoch in range(1, 7):
+        before = {k: v.clone() for k, v in run.model.state_dict().items()}
+        _epoch(run, data, params, epoch=epoch)
+        after = run.model.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        changed_by_epoch.append({k.split(".")[0] for k in changed})
+        frozen = set(before) - changed - {k for k in after if k.startswith("fc.")}
+        assert all(torch.equal(after[k], loaded[k]) for k in frozen)  # still the file's weights
+    assert changed_by_epoch == [
+        {"fc"},
+        {"fc", "layer4"},
+        {"fc", "layer4", "layer3"},
+        {"fc", "layer4", "layer3", "layer2"},
+        {"fc", "layer4", "layer3", "layer2", "layer1"},
+        {"fc", "layer4", "layer3", "layer2", "layer1", "conv1", "bn1"},
+    ]
+    assert [first_trainable_group(e, 1, "all", 6) for e in (1, 2, 3)] == [5, 0, 0]
+    assert [first_trainable_group(e, 0, "progressive", 6) for e in (1, 5, 9)] == [4, 0, 0]
+
+
+def test_frozen_groups_keep_batchnorm_statistics_in_eval_mode(params: Params):
+    run = _run(params)
+    groups = layer_groups(run.model)
+    set_trainable(run.model, groups, len(groups) - 2)
+    assert not run.model.layer3[0].bn1.training and run.model.layer4[0].bn1.training
+    assert [p.requires_grad for p in run.model.parameters()].count(True) == 11
+
+
+def test_warmup_rises_linearly_then_cosine_decays_to_min_lr():
+    weights = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weights], lr=1.0)
+    scheduler = warmup_cosine(optimizer, warmup_steps=4, total_steps=12, min_lr=0.01)
+    lrs = []
+    for _ in range(12):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    np.testing.assert_allclose(lrs[:5], [0.25, 0.5, 0.75, 1.0, 1.0])
+    assert all(a > b for a, b in itertools.pairwise(lrs[4:]))
+    np.testing.assert_allclose(optimizer.param_groups[0]["lr"], 0.01)
+    no_warmup = warmup_cosine(torch.optim.SGD([weights], lr=1.0), 0, 12, 0.01)
+    assert isinstance(no_warmup, torch.optim.lr_scheduler.CosineAnnealingLR)
 
 
 def test_augmentation_keeps_shape_and_range_and_can_be_switched_off():
@@ -180,6 +243,21 @@ def test_saved_model_reloads_and_predicts_identically(tmp_path: Path, params: Pa
     assert loaded.threshold == 0.5  # until the evaluate stage stores one beside it
     (tmp_path / "threshold.json").write_text('{"threshold": 0.3}')
     assert Classifier.load(tmp_path / "model.pt").threshold == 0.3
+
+
+def test_a_model_prepares_new_images_the_way_its_training_images_were(
+    tmp_path: Path, params: Params
+):
+    image = tmp_path / "dim.png"
+    Image.fromarray(np.tile(np.arange(20, 60, dtype=np.uint8), (40, 1)), "L").save(image)
+    for intensity in ("raw", "equalize"):
+        card = ModelCard("resnet10t", SIZE, "pad", mean=0.2, std=0.2, intensity=intensity)
+        save_model(tmp_path / "model.pt", _run(params).model, card)
+        loaded = Classifier.load(tmp_path / "model.pt")
+        assert loaded.card.intensity == intensity
+        expected = load_square(image, SIZE, "pad", intensity)
+        np.testing.assert_array_equal(loaded.load_image(image), expected)
+    assert loaded.load_image(image).max() == 255  # equalized; the raw file tops out at 59
 
 
 def test_flip_tta_averages_an_image_and_its_mirror(tmp_path: Path, params: Params):
@@ -252,5 +330,5 @@ def test_fit_stops_early_and_keeps_the_best_epoch(params: Params, monkeypatch: p
         lambda progress: epochs.append(progress["history"][-1]["epoch"]),
     )  # fmt: skip
     assert epochs == [1, 2, 3]
-    assert (progress["best_epoch"], progress["best_auc"]) == (2, 0.9)
+    assert (progress["best_epoch"], progress["best_score"]) == (2, 0.9)
     assert progress["best_state"]["fc.weight"].shape == (1, 512)
