@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -68,9 +68,10 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 def load_square(
-    path: Path, size: int, mode: ResizeMode, intensity: Intensity = "raw"
+    path: Path | IO[bytes], size: int, mode: ResizeMode, intensity: Intensity = "raw"
 ) -> np.ndarray:
-    """Decode an image file once into a size x size uint8 grayscale array.
+    """Decode an image file (a path, or an open binary file such as an uploaded one, whose
+    `name` the errors quote) once into a size x size uint8 grayscale array.
 
     Handles every JPEG/PNG mode (RGB, RGBA, palette, 16-bit, 1-bit) and EXIF orientation.
     Large JPEGs are decoded at a reduced DCT scale (draft mode), which is several times faster
@@ -88,7 +89,8 @@ def load_square(
             upright = ImageOps.exif_transpose(img)
             gray = to_grayscale(upright)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageDecodeError(f"{path}: {_reason(err)}") from None
+        where = path if isinstance(path, Path) else getattr(path, "name", "image")
+        raise ImageDecodeError(f"{where}: {_reason(err)}") from None
     return place_in_square(gray, square_geometry(width, height, size, mode), intensity)
 
 

@@ -11,6 +11,7 @@ import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import timm
@@ -146,7 +147,7 @@ class Classifier:
         pixels = torch.from_numpy(np.array(images, dtype=np.uint8))
         return normalize(pixels.to(device), self.card.mean, self.card.std)
 
-    def load_image(self, path: Path) -> np.ndarray:
+    def load_image(self, path: Path | IO[bytes]) -> np.ndarray:
         return load_square(path, self.card.image_size, self.card.resize, self.card.intensity)
 
     @torch.no_grad()

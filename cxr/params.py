@@ -106,6 +106,11 @@ class GradcamParams(Section):
     score_images: Annotated[int, Field(ge=2)]
 
 
+class ExportParams(Section):
+    opset: Annotated[int, Field(ge=18)]  # the oldest opset torch's ONNX exporter targets
+    tolerance: Annotated[float, Field(gt=0)]
+
+
 class RuntimeParams(Section):
     device: Literal["auto", "cuda", "mps", "cpu"]
     channels_last: bool
@@ -118,6 +123,7 @@ class RuntimeParams(Section):
 class MlflowParams(Section):
     experiment: str
     tracking_uri: str
+    registered_model: Annotated[str, Field(min_length=1)]
 
 
 class Params(Section):
@@ -133,6 +139,7 @@ class Params(Section):
     train: TrainParams
     evaluate: EvaluateParams
     gradcam: GradcamParams
+    export: ExportParams
     runtime: RuntimeParams
     mlflow: MlflowParams
 

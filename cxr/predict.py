@@ -19,6 +19,7 @@ from cxr.explain import CAM_METHODS, compute_cams, resolve_target_layer
 from cxr.figures import save_panel
 from cxr.images import ImageDecodeError
 from cxr.model import Classifier
+from cxr.onnx_model import OnnxClassifier
 
 OVERLAY_SUFFIX = "_gradcam.png"
 
@@ -45,7 +46,15 @@ def overlay_path(image: Path, out_dir: Path | None) -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="pneumonia-predict", description=__doc__.split("\n")[0])
     parser.add_argument("images", nargs="+", type=Path, help="image files or folders")
-    parser.add_argument("--model", type=Path, default=Path("models/model.pt"))
+    parser.add_argument(
+        "--model", type=Path, help="default: models/model.pt, models/model.onnx for --backend onnx"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="onnx: models/model.onnx on onnxruntime, no PyTorch needed (no Grad-CAM overlays)",
+    )
     parser.add_argument("--out", type=Path, help="folder for overlays (default: beside each image)")
     parser.add_argument("--no-cam", action="store_true", help="skip the Grad-CAM overlays")
     parser.add_argument("--method", default="gradcam", choices=sorted(CAM_METHODS))
@@ -57,10 +66,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.model = args.model or Path(f"models/model.{'onnx' if args.backend == 'onnx' else 'pt'}")
     if not args.model.is_file():
         print(f"error: model file {args.model} not found (run `dvc repro` first)", file=sys.stderr)
         return 2
-    classifier = Classifier.load(args.model)
+    if args.backend == "onnx":
+        classifier = OnnxClassifier(args.model)
+        args.no_cam = True  # Grad-CAM needs the network's gradients, which the graph does not keep
+    else:
+        classifier = Classifier.load(args.model)
     try:
         layer = None if args.no_cam else resolve_target_layer(classifier.model, args.target_layer)
     except ValueError as err:

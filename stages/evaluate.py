@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from cxr import tracking
+from cxr import serving, tracking
 from cxr.atomic import write_csv, write_json
 from cxr.dataset import CLASSES
 from cxr.device import pick_device
@@ -136,6 +136,15 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.log_metrics({"threshold": threshold, **flat})
         for figure in figures:
             mlflow.log_artifact(str(figure), artifact_path="evaluation")
+        # The deployable model, registered once its threshold is known (README, Deploy).
+        version = serving.register(
+            args.model,
+            args.threshold,
+            params.mlflow.registered_model,
+            serving.encode_png(np.asarray(splits["val"].images[0])),
+            serving.describe(classifier, report, settings.threshold),
+            {**tracking.run_tags(), "training_run_id": classifier.card.mlflow_run_id},
+        )
 
     for name in splits:
         m = report[name]
@@ -146,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             f" {m['patients']} patients)"
         )
     print(f"threshold {threshold:.4f} ({settings.threshold}, chosen on validation)")
+    print(f"registered models:/{version.name}@{serving.CANDIDATE} (version {version.version})")
 
 
 if __name__ == "__main__":

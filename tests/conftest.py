@@ -101,3 +101,15 @@ def prepared_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for stage in ("download", "split", "preprocess"):
         run_stage(folder, stage)
     return folder
+
+
+@pytest.fixture(scope="session")
+def trained(prepared_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the prepared project after train, evaluate and gradcam (read-only use)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    folder = tmp / "project"
+    shutil.copytree(prepared_project, folder)
+    env = tool_env(tmp)
+    for stage in ("train", "evaluate", "gradcam"):
+        run_stage(folder, stage, env=env)
+    return folder

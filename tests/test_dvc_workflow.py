@@ -91,7 +91,12 @@ def test_metrics_show_parses_every_metrics_file(repo):
     shown = json.loads(dvc(repo, "metrics", "show", "--json"))
     (workspace,) = shown.values()
     files = workspace["data"]
-    assert set(files) == {"metrics/train.json", "metrics/evaluate.json", "metrics/gradcam.json"}
+    assert set(files) == {
+        "metrics/train.json",
+        "metrics/evaluate.json",
+        "metrics/gradcam.json",
+        "metrics/export.json",
+    }
     assert "roc_auc" in files["metrics/evaluate.json"]["data"]["test"]
 
 
@@ -106,7 +111,8 @@ def test_exp_run_with_set_param_reaches_the_optimizer_as_a_float(repo):
         order_by=["attributes.start_time ASC"],
     )
     # One training run and one child run per later stage, all tagged with the experiment.
-    assert [r.data.tags.get("dvc.stage") for r in runs] == ["train", "evaluate", "gradcam"]
+    stages = [r.data.tags.get("dvc.stage") for r in runs]
+    assert stages[:2] == ["train", "evaluate"] and sorted(stages[2:]) == ["export", "gradcam"]
     training_run = runs[0]
     assert training_run.data.params["lr"] == "1e-05"
     history = client.get_metric_history(training_run.info.run_id, "lr")

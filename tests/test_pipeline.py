@@ -22,18 +22,6 @@ from stages import gradcam, train
 from tests.conftest import run_stage, set_params, stage_argv, tool_env
 
 
-@pytest.fixture(scope="module")
-def trained(prepared_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the prepared project after train, evaluate and gradcam."""
-    tmp = tmp_path_factory.mktemp("trained")
-    folder = tmp / "project"
-    shutil.copytree(prepared_project, folder)
-    env = tool_env(tmp)
-    for stage in ("train", "evaluate", "gradcam"):
-        run_stage(folder, stage, env=env)
-    return folder
-
-
 def _runs(store: Path) -> tuple[mlflow.MlflowClient, list]:
     """The MLflow client of a store and its runs, oldest first."""
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
@@ -67,9 +55,13 @@ def test_training_run_has_one_child_run_per_evaluate_and_gradcam(trained: Path):
         assert child.data.tags["mlflow.parentRunId"] == run.info.run_id
         assert child.data.tags["dvc.stage"] == stage
     assert {a.path for a in client.list_artifacts(evaluation.info.run_id)} == {"evaluation"}
-    (logged,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
-    assert logged.source_run_id == run.info.run_id
-    assert logged.name == "model"
+    # The bare network from training; the deployable model from the evaluation that chose its
+    # threshold.
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert {m.name: m.source_run_id for m in logged} == {
+        "model": run.info.run_id,
+        "xray_classifier": evaluation.info.run_id,
+    }
 
 
 def test_evaluate_outputs(trained: Path):

@@ -1,0 +1,76 @@
+"""The export stage's ONNX file: equal to PyTorch, self-describing, and safe when it is not."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from cxr.model import Classifier
+from cxr.onnx_model import OnnxClassifier
+from cxr.predict import main as predict
+from cxr.processed import load_split
+from tests.conftest import run_stage, set_params, stage_argv, tool_env
+
+
+@pytest.fixture(scope="module")
+def exported(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("exported")
+    folder = tmp / "project"
+    shutil.copytree(trained, folder)
+    out = run_stage(folder, "export", env=tool_env(tmp))
+    assert "models/model.onnx: opset 18" in out
+    return folder
+
+
+def test_onnx_logits_equal_pytorch_on_the_test_split(exported: Path):
+    report = json.loads((exported / "metrics/export.json").read_text())
+    test_images = np.asarray(load_split("test", exported / "data/processed").images)
+    assert report["images_checked"] == len(test_images)
+    assert report["max_abs_logit_difference"] < 1e-4
+    assert report["same_class"] == 1.0
+    assert report["opset"] == 18
+    assert onnx.load(str(exported / "models/model.onnx")).opset_import[0].version == 18
+
+    onnx_model = OnnxClassifier(exported / "models/model.onnx")
+    torch_model = Classifier.load(exported / "models/model.pt")
+    assert onnx_model.card == torch_model.card  # the card and threshold travel in the file
+    assert onnx_model.threshold == torch_model.threshold
+    for batch in (test_images[:1], test_images[:5]):  # the batch dimension is dynamic
+        np.testing.assert_allclose(
+            onnx_model.predict_proba(batch), torch_model.predict_proba(batch), atol=1e-5
+        )
+
+
+def test_cli_onnx_backend_gives_the_same_classes(exported: Path, capsys: pytest.CaptureFixture):
+    files = [sorted((exported / "data/raw/test" / c).iterdir())[0] for c in ("NORMAL", "PNEUMONIA")]
+    answers = {}
+    for backend, model in (("torch", "model.pt"), ("onnx", "model.onnx")):
+        argv = [*map(str, files), "--model", str(exported / "models" / model), "--no-cam"]
+        assert predict([*argv, "--backend", backend]) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if "p(pneumonia)" in line]
+        answers[backend] = [(line.split("  ")[0], line.split("  ")[2]) for line in lines]
+        probabilities = [float(line.split("=")[1].split()[0]) for line in lines]
+        answers[f"{backend} p"] = probabilities
+    assert answers["onnx"] == answers["torch"] and len(answers["onnx"]) == 2
+    np.testing.assert_allclose(answers["onnx p"], answers["torch p"], atol=1e-4)
+
+
+def test_export_beyond_tolerance_fails_and_keeps_no_file(trained: Path, tmp_path: Path):
+    folder = tmp_path / "project"
+    shutil.copytree(trained, folder)
+    set_params(folder, {"export": {"tolerance": 1e-12}})
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.export", *stage_argv(folder, "export")], cwd=folder,
+        env=tool_env(tmp_path), capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "more than export.tolerance (1e-12)" in result.stderr
+    assert not [p.name for p in (folder / "models").iterdir() if "onnx" in p.name]
+    assert not (folder / "metrics/export.json").exists()
