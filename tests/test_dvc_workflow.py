@@ -121,6 +121,10 @@ def test_exp_run_with_set_param_reaches_the_optimizer_as_a_float(repo):
     for child in runs[1:]:
         assert child.data.tags["mlflow.parentRunId"] == training_run.info.run_id
     assert "test_roc_auc" in runs[1].data.metrics
+    # The registered version names the experiment and the commit it came from.
+    version = client.get_model_version_by_alias("chest-xray-pneumonia", "candidate")
+    assert version.tags["dvc.exp_name"] == "small-lr"
+    assert version.tags["git.commit"] == sh(repo[0], "git", "rev-parse", "HEAD").strip()
 
 
 def test_exp_show_and_metrics_diff_show_the_change(repo):
