@@ -89,7 +89,7 @@ def load_square(
             upright = ImageOps.exif_transpose(img)
             gray = to_grayscale(upright)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        where = path if isinstance(path, Path) else getattr(path, "name", "image")
+        where = path if isinstance(path, (str, Path)) else getattr(path, "name", "image")
         raise ImageDecodeError(f"{where}: {_reason(err)}") from None
     return place_in_square(gray, square_geometry(width, height, size, mode), intensity)
 

@@ -13,12 +13,8 @@ Uses $MLFLOW_TRACKING_URI, else the project's store, as the stages do.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import mlflow
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for cxr
 
 from cxr.params import load_params
 from cxr.serving import CANDIDATE
