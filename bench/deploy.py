@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from ratios import interleave, ratio_table
 
-from cxr.model import Classifier
+from cxr.classifier import Classifier
 from cxr.onnx_model import OnnxClassifier
 from cxr.processed import load_split
 from cxr.serving import encode_png

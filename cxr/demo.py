@@ -116,7 +116,7 @@ def generate_demo_dataset(
     rows = []
     for index, spec in enumerate(specs):
         rng = np.random.default_rng((seed, _IMAGE_STREAM, index))
-        pixels, box = _draw_image(rng, spec.label == "PNEUMONIA", min_side, max_side)
+        pixels, box = draw_image(rng, spec.label == "PNEUMONIA", min_side, max_side)
         _save_jpeg(pixels, out_dir / spec.path, rgb=spec.rgb)
         if box is not None:
             rows.append((spec.path, *box))
@@ -167,7 +167,7 @@ def _name_images(plan: list[_Patient], rng: np.random.Generator) -> list[_ImageS
     return [_ImageSpec(path, label, i in rgb) for i, (path, label) in enumerate(named)]
 
 
-def _draw_image(
+def draw_image(
     rng: np.random.Generator, pneumonia: bool, min_side: int, max_side: int
 ) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
     """One image of its own size; PNEUMONIA ones get a lesion, NORMAL ones distractors.

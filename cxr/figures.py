@@ -1,4 +1,5 @@
-"""Every matplotlib figure the pipeline writes: training history, evaluation and Grad-CAM.
+"""Every matplotlib figure the pipeline writes: training history, evaluation, input guard
+and Grad-CAM.
 
 The numbers come from `cxr.evaluation` and `cxr.explain`, which hold no plotting code, so the
 metrics can be tested, and imported by stages that draw nothing, without any figure machinery.
@@ -168,6 +169,37 @@ def save_montage(
     for axes in grid[len(images) :]:
         axes.set_axis_off()
     _save(figure, path, dpi=DPI)
+
+
+def save_guard_figures(
+    folder: Path,
+    scores: pd.DataFrame,
+    threshold: float,
+    examples: list[tuple[str, np.ndarray, float]],
+) -> None:
+    """The guard's scores per kind of image against its threshold, and one image of each kind
+    as the network sees it, with its score and verdict."""
+    kinds = list(dict.fromkeys(scores["kind"]))
+    figure = Figure(figsize=(8, 0.45 * len(kinds) + 1.2), layout="constrained")
+    axes = figure.subplots()
+    for row, kind in enumerate(kinds):
+        values = scores.loc[scores["kind"] == kind, "score"].to_numpy()
+        jitter = np.random.default_rng(row).uniform(-0.25, 0.25, len(values))
+        axes.scatter(np.maximum(values, 1e-3), row + jitter, s=6, alpha=0.5)
+    axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")
+    axes.set(xscale="log", yticks=range(len(kinds)), yticklabels=kinds, xlabel="guard score")
+    axes.invert_yaxis()
+    axes.legend(loc="lower right", fontsize=8)
+    _save(figure, folder / "scores.png", dpi=DPI)
+
+    side = PANEL_PX / DPI * 0.75
+    figure = Figure(figsize=(len(examples) * side, side + 0.5), layout="constrained")
+    for axes, (kind, image, score) in zip(
+        np.atleast_1d(figure.subplots(1, len(examples))), examples, strict=True
+    ):
+        verdict = "flagged" if score > threshold else "passed"
+        _show(axes, image, f"{kind}\n{score:.3g}: {verdict}")
+    _save(figure, folder / "examples.png", dpi=DPI)
 
 
 def _show(axes: Axes, picture: np.ndarray, title: str = "", box: Box | None = None) -> None:

@@ -6,26 +6,19 @@ normalization, class names), so a model loads and predicts without params.yaml.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
 
-import numpy as np
 import timm
 import torch
 from torch import nn
 
 from cxr.atomic import atomic_path
 from cxr.dataset import CLASSES
-from cxr.images import Intensity, ResizeMode, load_square
+from cxr.images import Intensity, ResizeMode
 from cxr.params import ParamsError
-
-# Stored beside the model by the evaluate stage, which picks the threshold (and whether to
-# average over a horizontal flip) on validation data.
-THRESHOLD_FILE = "threshold.json"
 
 
 def create_model(arch: str, pretrained: str, drop_rate: float = 0.0) -> nn.Module:
@@ -110,57 +103,6 @@ def save_model(path: Path, model: nn.Module, card: ModelCard) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         torch.save({"card": asdict(card), "state_dict": state}, tmp)
-
-
-@dataclass
-class Classifier:
-    """A loaded model with its card and the decision settings chosen on validation.
-
-    `flip_tta` averages the logits of each image and its mirror image; the threshold was chosen
-    on probabilities computed the same way, so the two travel together in threshold.json.
-    """
-
-    model: nn.Module
-    card: ModelCard
-    threshold: float
-    flip_tta: bool = False
-
-    @classmethod
-    def load(
-        cls, path: Path, device: str = "cpu", threshold_file: Path | None = None
-    ) -> Classifier:
-        """The model file, and the decision settings stored beside it unless named otherwise."""
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        card = ModelCard(**{**saved["card"], "class_names": tuple(saved["card"]["class_names"])})
-        model = create_model(card.arch, "none")
-        model.load_state_dict(saved["state_dict"])
-        model.to(device).eval()
-        threshold_file = threshold_file or path.parent / THRESHOLD_FILE
-        decision = {"threshold": 0.5}
-        if threshold_file.is_file():
-            decision = json.loads(threshold_file.read_text())
-        return cls(model, card, float(decision["threshold"]), bool(decision.get("flip_tta")))
-
-    def to_tensor(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 (N, H, W) arrays to the normalized (N, 1, H, W) float input."""
-        device = next(self.model.parameters()).device
-        pixels = torch.from_numpy(np.array(images, dtype=np.uint8))
-        return normalize(pixels.to(device), self.card.mean, self.card.std)
-
-    def load_image(self, path: Path | IO[bytes]) -> np.ndarray:
-        return load_square(path, self.card.image_size, self.card.resize, self.card.intensity)
-
-    @torch.no_grad()
-    def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Pneumonia probability per uint8 image."""
-        logits = []
-        for start in range(0, len(images), batch_size):
-            x = self.to_tensor(images[start : start + batch_size])
-            logit = self.model(x).float()
-            if self.flip_tta:
-                logit = (logit + self.model(x.flip(-1)).float()) / 2
-            logits.append(logit)
-        return torch.sigmoid(torch.cat(logits)).squeeze(1).cpu().numpy()
 
 
 def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:

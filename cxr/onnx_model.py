@@ -1,9 +1,10 @@
 """The trained network as an ONNX file, and inference on it with onnxruntime (no PyTorch).
 
-The graph is the network alone: normalized (N, 1, S, S) float32 in, one logit per image out,
-with a dynamic batch. What surrounds it at inference (decoding, the card's resize, intensity
-and normalization, flip TTA, the validation-chosen threshold) travels in the file's metadata,
-so `pneumonia-predict --backend onnx` needs only the .onnx file.
+The graph is the network and its input guard: normalized (N, 1, S, S) float32 in, one logit and
+one guard score per image out, with a dynamic batch. What surrounds it at inference (decoding,
+the card's resize, intensity and normalization, flip TTA, the validation-chosen threshold and
+the guard's threshold) travels in the file's metadata, so `pneumonia-predict --backend onnx`
+needs only the .onnx file.
 """
 
 from __future__ import annotations
@@ -18,15 +19,20 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from cxr.classifier import Assessment, Classifier
+from cxr.guard import GuardedNetwork
 from cxr.images import load_square
-from cxr.model import Classifier, ModelCard
+from cxr.model import ModelCard
 
 CARD_KEY, DECISION_KEY = "cxr.card", "cxr.decision"
 
 
 def export_onnx(classifier: Classifier, target: Path, opset: int) -> None:
-    """Write the network to `target` with the card and decision settings as metadata."""
-    model = classifier.model.cpu().eval()
+    """Write the network and guard to `target` with the card and decision settings as
+    metadata; the classifier must have its guard."""
+    if classifier.guard is None:
+        raise ValueError("export needs the model's input guard (models/guard.pt)")
+    model = GuardedNetwork(classifier.model, classifier.guard).cpu().eval()
     size = classifier.card.image_size
     example = torch.zeros(2, 1, size, size)
     torch.onnx.export(
@@ -34,13 +40,17 @@ def export_onnx(classifier: Classifier, target: Path, opset: int) -> None:
         (example,),
         str(target),
         input_names=["image"],
-        output_names=["logit"],
+        output_names=["logit", "ood_score"],
         opset_version=opset,
         dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
         external_data=False,  # one self-contained file
     )
     proto = onnx.load(str(target))
-    decision = {"threshold": classifier.threshold, "flip_tta": classifier.flip_tta}
+    decision = {
+        "threshold": classifier.threshold,
+        "flip_tta": classifier.flip_tta,
+        "ood_threshold": classifier.ood_threshold,
+    }
     for key, value in ((CARD_KEY, asdict(classifier.card)), (DECISION_KEY, decision)):
         proto.metadata_props.add(key=key, value=json.dumps(value))
     onnx.checker.check_model(proto)
@@ -59,23 +69,35 @@ class OnnxClassifier:
         self.card = ModelCard(**{**card, "class_names": tuple(card["class_names"])})
         decision = json.loads(metadata[DECISION_KEY])
         self.threshold, self.flip_tta = float(decision["threshold"]), bool(decision["flip_tta"])
+        self.ood_threshold = float(decision["ood_threshold"])
 
     def load_image(self, path: Path | IO[bytes]) -> np.ndarray:
         return load_square(path, self.card.image_size, self.card.resize, self.card.intensity)
 
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W) to one logit per image, normalized exactly as the card says."""
+    def label(self, probability: float) -> str:
+        return self.card.class_names[int(probability >= self.threshold)]
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, H, W) to one logit and one guard score per image, normalized as the card
+        says."""
         x = (images.astype(np.float32) / 255.0 - self.card.mean) / self.card.std
-        (logit,) = self.session.run(None, {"image": x[:, np.newaxis].astype(np.float32)})
-        return logit[:, 0]
+        logit, score = self.session.run(None, {"image": x[:, np.newaxis].astype(np.float32)})
+        return logit[:, 0], score
+
+    def assess(self, images: np.ndarray, batch_size: int = 64) -> Assessment:
+        """Pneumonia probability, guard score and verdict per uint8 image."""
+        logits, scores = [], []
+        for start in range(0, len(images), batch_size):
+            batch = np.asarray(images[start : start + batch_size])
+            logit, score = self.run(batch)
+            if self.flip_tta:
+                logit = (logit + self.run(batch[:, :, ::-1])[0]) / 2
+            logits.append(logit)
+            scores.append(score)
+        score = np.concatenate(scores)
+        probability = 1 / (1 + np.exp(-np.concatenate(logits)))
+        return Assessment(probability, score, score > self.ood_threshold)
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Pneumonia probability per uint8 image."""
-        logits = []
-        for start in range(0, len(images), batch_size):
-            batch = np.asarray(images[start : start + batch_size])
-            logit = self.logits(batch)
-            if self.flip_tta:
-                logit = (logit + self.logits(batch[:, :, ::-1])) / 2
-            logits.append(logit)
-        return 1 / (1 + np.exp(-np.concatenate(logits)))
+        return self.assess(images, batch_size).probability

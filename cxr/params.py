@@ -106,6 +106,11 @@ class GradcamParams(Section):
     score_images: Annotated[int, Field(ge=2)]
 
 
+class GuardParams(Section):
+    quantile: Annotated[float, Field(ge=0.5, lt=1)]
+    ood_images: Annotated[int, Field(ge=2)]
+
+
 class ExportParams(Section):
     opset: Annotated[int, Field(ge=18)]  # the oldest opset torch's ONNX exporter targets
     tolerance: Annotated[float, Field(gt=0)]
@@ -137,6 +142,7 @@ class Params(Section):
     preprocess: PreprocessParams
     model: ModelParams
     train: TrainParams
+    guard: GuardParams
     evaluate: EvaluateParams
     gradcam: GradcamParams
     export: ExportParams

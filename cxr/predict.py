@@ -2,7 +2,9 @@
 
 Every image goes through the preprocessing the model was trained with (read from the model
 file), gets a pneumonia probability, the class at the threshold chosen on validation, and a
-Grad-CAM overlay. An unreadable file is reported by name; the others still run.
+Grad-CAM overlay, unless the input guard finds it unlike the training X-rays: then it gets a
+warning instead of a diagnosis, and no overlay. An unreadable file is reported by name; the
+others still run.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr.classifier import Classifier, decide
 from cxr.dataset import IMAGE_SUFFIXES
 from cxr.explain import CAM_METHODS, compute_cams, resolve_target_layer
 from cxr.figures import save_panel
 from cxr.images import ImageDecodeError
-from cxr.model import Classifier
 from cxr.onnx_model import OnnxClassifier
 
 OVERLAY_SUFFIX = "_gradcam.png"
@@ -83,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
     tta = ", flip TTA" if classifier.flip_tta else ""
-    print(f"model {args.model} ({classifier.card.arch}), threshold {classifier.threshold:.4f}{tta}")
+    guard = "no input guard" if classifier.ood_threshold is None else "input guard on"
+    print(
+        f"model {args.model} ({classifier.card.arch}), threshold {classifier.threshold:.4f}{tta}, "
+        + guard
+    )
 
     failures = 0
     for path in find_images(args.images):
@@ -93,13 +99,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             failures += 1
             continue
-        probability = float(classifier.predict_proba(pixels)[0])
-        label = classifier.card.class_names[int(probability >= classifier.threshold)]
-        line = f"{path}  p(pneumonia)={probability:.4f}  {label}"
+        (decision,) = decide(classifier, pixels)
+        if decision.warning:
+            print(f"{path}  OUT OF DISTRIBUTION: {decision.warning}")
+            continue
+        line = f"{path}  p(pneumonia)={decision.probability:.4f}  {decision.label}"
+        if decision.ood_score is not None:
+            line += f"  guard {decision.ood_score:.3g} (flags above {decision.ood_threshold:.3g})"
         if layer is not None:
             cam = compute_cams(classifier.model, classifier.to_tensor(pixels), args.method, layer)
             target = overlay_path(path, args.out)
-            save_panel(target, pixels[0], cam[0], f"{label}  p={probability:.2f}")
+            title = f"{decision.label}  p={decision.probability:.2f}"
+            save_panel(target, pixels[0], cam[0], title)
             line += f"  overlay {target}"
         print(line)
     return 1 if failures else 0

@@ -4,9 +4,10 @@ The bare network logged by the train stage expects a normalized (N, 1, H, W) ten
 caller has. This wrapper holds everything between a file and a decision, from the same code
 `pneumonia-predict` runs: decoding (any JPEG/PNG mode, EXIF orientation), the model card's
 resize, intensity and normalization, the network, flip TTA when it was chosen, and the
-threshold chosen on validation. Its artifacts are the weights file and threshold.json, not a
-pickled training object, so it loads wherever this package's `cxr` code and its pinned
-libraries do.
+threshold chosen on validation, and the input guard: an image unlike the training X-rays gets
+`in_distribution` false, a `warning` and no label. Its artifacts are the weights file,
+threshold.json and guard.pt, not a pickled training object, so it loads wherever this
+package's `cxr` code and its pinned libraries do.
 
 Over `mlflow models serve`, the `image` column holds base64 text in JSON (the signature declares
 it binary, so MLflow's server decodes it); one unreadable image gets an `error` in its own row
@@ -16,6 +17,7 @@ and the rest of the batch is still answered.
 from __future__ import annotations
 
 import io
+from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 
@@ -27,13 +29,15 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
+from cxr.classifier import Classifier, decide
 from cxr.images import ImageDecodeError
-from cxr.model import Classifier
 
 IMAGE_COLUMN = "image"
 CANDIDATE = "candidate"  # the alias each evaluated version gets; "champion" is set by a person
 # What the cxr code a served model imports needs, pinned to this environment's versions.
-REQUIREMENTS = ("torch", "timm", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "mlflow")
+REQUIREMENTS = (
+    "torch", "timm", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "mlflow", "scikit-learn"
+)  # fmt: skip
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
     outputs=Schema(
@@ -41,6 +45,10 @@ SIGNATURE = ModelSignature(
             ColSpec("double", "probability"),
             ColSpec("string", "label"),
             ColSpec("double", "threshold"),
+            ColSpec("double", "ood_score", required=False),
+            ColSpec("double", "ood_threshold", required=False),
+            ColSpec("boolean", "in_distribution", required=False),
+            ColSpec("string", "warning", required=False),
             ColSpec("string", "error", required=False),
         ]
     ),
@@ -48,7 +56,8 @@ SIGNATURE = ModelSignature(
 
 
 def classify_files(classifier: Classifier, files: list[bytes]) -> pd.DataFrame:
-    """One row per encoded file: probability, label and threshold, or the reason it failed."""
+    """One row per encoded file: the decision's fields, or the reason the file failed."""
+    columns = [column.name for column in SIGNATURE.outputs.inputs]
     rows: dict[int, dict] = {}
     arrays: dict[int, np.ndarray] = {}
     for i, blob in enumerate(files):
@@ -57,18 +66,17 @@ def classify_files(classifier: Classifier, files: list[bytes]) -> pd.DataFrame:
         try:
             arrays[i] = classifier.load_image(buffer)
         except ImageDecodeError as err:
-            rows[i] = {"probability": None, "label": None, "error": str(err)}
+            rows[i] = dict.fromkeys(columns) | {
+                "threshold": classifier.threshold,
+                "error": str(err),
+            }
     if arrays:
-        probabilities = classifier.predict_proba(np.stack(list(arrays.values())))
-        for i, probability in zip(arrays, probabilities, strict=True):
-            label = classifier.card.class_names[int(probability >= classifier.threshold)]
-            rows[i] = {"probability": float(probability), "label": label, "error": None}
-    columns = ["probability", "label", "error"]
+        decisions = decide(classifier, np.stack(list(arrays.values())))
+        for i, decision in zip(arrays, decisions, strict=True):
+            rows[i] = {**asdict(decision), "error": None}
     # object columns keep None as None, which JSON writes as null (a float column would hold
     # NaN, which is not JSON)
-    table = pd.DataFrame([rows[i] for i in range(len(files))], columns=columns, dtype=object)
-    table.insert(2, "threshold", classifier.threshold)
-    return table
+    return pd.DataFrame([rows[i] for i in range(len(files))], columns=columns, dtype=object)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -81,6 +89,7 @@ def encode_png(image: np.ndarray) -> bytes:
 def register(
     model_file: Path,
     threshold_file: Path,
+    guard_file: Path,
     registered_name: str,
     example: bytes,
     description: str,
@@ -95,7 +104,11 @@ def register(
     info = mlflow.pyfunc.log_model(
         name="xray_classifier",
         python_model=str(Path(__file__).with_name("served_model.py")),
-        artifacts={"model": str(model_file), "threshold": str(threshold_file)},
+        artifacts={
+            "model": str(model_file),
+            "threshold": str(threshold_file),
+            "guard": str(guard_file),
+        },
         code_paths=[str(Path(__file__).parent)],
         signature=SIGNATURE,
         input_example=pd.DataFrame({IMAGE_COLUMN: [example]}),
@@ -130,7 +143,8 @@ def describe(classifier: Classifier, report: dict, strategy: str) -> str:
         f"resampling patients: {figure('roc_auc')}, {figure('accuracy')}, "
         f"{figure('sensitivity')}, {figure('specificity')}.\n"
         f"Input: encoded JPEG/PNG files (column `{IMAGE_COLUMN}`, base64 in JSON); output per "
-        "image: probability of PNEUMONIA, label, threshold, error."
+        "image: probability of PNEUMONIA, label, threshold, the input guard's score, threshold "
+        "and verdict (in_distribution; a flagged image gets a warning and no label), error."
     )
 
 
@@ -139,7 +153,9 @@ class XrayClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.classifier = Classifier.load(
-            Path(context.artifacts["model"]), threshold_file=Path(context.artifacts["threshold"])
+            Path(context.artifacts["model"]),
+            threshold_file=Path(context.artifacts["threshold"]),
+            guard_file=Path(context.artifacts["guard"]),
         )
 
     def predict(

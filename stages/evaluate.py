@@ -15,6 +15,7 @@ import pandas as pd
 
 from cxr import serving, tracking
 from cxr.atomic import write_csv, write_json
+from cxr.classifier import Classifier
 from cxr.dataset import CLASSES
 from cxr.device import pick_device
 from cxr.evaluation import (
@@ -24,7 +25,6 @@ from cxr.evaluation import (
     curve_tables,
 )
 from cxr.figures import save_figures
-from cxr.model import Classifier
 from cxr.params import EvaluateParams, load_params
 from cxr.processed import ProcessedSplit, load_split
 from cxr.stage import paths, require, run
@@ -73,13 +73,15 @@ def predictions_table(split: str, data: ProcessedSplit, probs: np.ndarray, thres
 
 def main(argv: list[str] | None = None) -> None:
     args = paths(
-        __doc__, "model", "processed", "threshold", "predictions", "metrics", "plots", argv=argv
+        __doc__,
+        *("model", "guard", "processed", "threshold", "predictions", "metrics", "plots"),
+        argv=argv,
     )
     params = load_params()
     settings = params.evaluate
-    require(args.model, args.processed)
+    require(args.model, args.guard, args.processed)
     device = str(pick_device(params.runtime.device))
-    classifier = Classifier.load(args.model, device=device)
+    classifier = Classifier.load(args.model, device=device, with_guard=False)
     classifier.flip_tta = settings.flip_tta  # the threshold is chosen below, with this setting
     splits = {name: load_split(name, args.processed) for name in ("val", "test")}
     probs = {name: classifier.predict_proba(np.asarray(s.images)) for name, s in splits.items()}
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         version = serving.register(
             args.model,
             args.threshold,
+            args.guard,
             params.mlflow.registered_model,
             serving.encode_png(np.asarray(splits["val"].images[0])),
             serving.describe(classifier, report, settings.threshold),

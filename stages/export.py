@@ -1,8 +1,9 @@
 """Export the trained model to ONNX, checked against PyTorch on the test split.
 
 The check runs on the file before it replaces models/model.onnx, so a failed or interrupted
-export never leaves a file that looks usable; the largest logit difference, the share of test
-images given the same class, the opset and the library versions go to metrics/export.json.
+export never leaves a file that looks usable; the largest logit and guard-score differences,
+the shares of test images given the same class and the same guard verdict, the opset and the
+library versions go to metrics/export.json.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 
 from cxr import tracking
 from cxr.atomic import atomic_path, write_json
-from cxr.model import Classifier
+from cxr.classifier import Classifier
+from cxr.guard import GuardedNetwork
 from cxr.onnx_model import OnnxClassifier, export_onnx
 from cxr.params import load_params
 from cxr.processed import load_split
@@ -23,39 +25,52 @@ from cxr.stage import StageError, paths, require, run
 
 
 @torch.no_grad()
-def torch_logits(classifier: Classifier, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """The network's raw logits, without flip TTA: what the exported graph computes."""
+def torch_outputs(classifier: Classifier, images: np.ndarray, batch_size: int = 64) -> tuple:
+    """The network's raw logits and guard scores, without flip TTA: what the graph computes."""
+    network = GuardedNetwork(classifier.model, classifier.guard)
     starts = range(0, len(images), batch_size)
-    logits = [classifier.model(classifier.to_tensor(images[i : i + batch_size])) for i in starts]
-    return torch.cat(logits)[:, 0].numpy()
+    outputs = [network(classifier.to_tensor(images[i : i + batch_size])) for i in starts]
+    logits, scores = zip(*outputs, strict=True)
+    return torch.cat(logits)[:, 0].numpy(), torch.cat(scores).numpy()
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = paths(__doc__, "model", "threshold", "processed", "onnx", "metrics", argv=argv)
+    args = paths(__doc__, "model", "threshold", "guard", "processed", "onnx", "metrics", argv=argv)
     params = load_params()
     settings = params.export
-    require(args.model, args.threshold, args.processed)
-    classifier = Classifier.load(args.model, threshold_file=args.threshold)
+    require(args.model, args.threshold, args.guard, args.processed)
+    classifier = Classifier.load(args.model, threshold_file=args.threshold, guard_file=args.guard)
     images = np.asarray(load_split("test", args.processed).images)
 
     with atomic_path(args.onnx) as tmp:
         export_onnx(classifier, tmp, settings.opset)
-        exported = OnnxClassifier(tmp)
-        difference = float(np.abs(exported.logits(images) - torch_logits(classifier, images)).max())
+        onnx_model = OnnxClassifier(tmp)
+        exported, reference = onnx_model.assess(images), classifier.assess(images)
+        onnx_logits, onnx_scores = onnx_model.run(images)
+        torch_logits, torch_scores = torch_outputs(classifier, images)
+        difference = float(np.abs(onnx_logits - torch_logits).max())
+        # guard scores run from about 1 to thousands: compared relative to their size
+        score_difference = float(
+            (np.abs(onnx_scores - torch_scores) / np.maximum(np.abs(torch_scores), 1)).max()
+        )
         same_class = float(
             np.mean(
-                (exported.predict_proba(images) >= exported.threshold)
-                == (classifier.predict_proba(images) >= classifier.threshold)
+                (exported.probability >= classifier.threshold)
+                == (reference.probability >= classifier.threshold)
             )
         )
-        if difference > settings.tolerance:
-            raise StageError(
-                f"{args.onnx}: ONNX and PyTorch logits differ by up to {difference:.2e} on the "
-                f"test split, more than export.tolerance ({settings.tolerance:.0e})"
-            )
+        same_verdict = float(np.mean(exported.out_of_distribution == reference.out_of_distribution))
+        for name, value in (("logits", difference), ("guard scores", score_difference)):
+            if value > settings.tolerance:
+                raise StageError(
+                    f"{args.onnx}: ONNX and PyTorch {name} differ by up to {value:.2e} on the "
+                    f"test split, more than export.tolerance ({settings.tolerance:.0e})"
+                )
     report = {
         "max_abs_logit_difference": difference,
+        "max_rel_guard_score_difference": score_difference,
         "same_class": same_class,
+        "same_guard_verdict": same_verdict,
         "images_checked": len(images),
         "opset": settings.opset,
         "torch": torch.__version__,
@@ -70,12 +85,17 @@ def main(argv: list[str] | None = None) -> None:
         "export",
     ):
         mlflow.log_metrics(
-            {"onnx_max_abs_logit_difference": difference, "onnx_same_class": same_class}
+            {
+                "onnx_max_abs_logit_difference": difference,
+                "onnx_same_class": same_class,
+                "onnx_same_guard_verdict": same_verdict,
+            }
         )
         mlflow.log_params({"onnx.opset": settings.opset, "onnxruntime": report["onnxruntime"]})
     print(
         f"{args.onnx}: opset {settings.opset}, {len(images)} test images, max |logit difference| "
-        f"{difference:.2e}, same class {same_class:.1%}"
+        f"{difference:.2e}, same class {same_class:.1%}; guard scores within "
+        f"{score_difference:.1e} (relative), same verdict {same_verdict:.1%}"
     )
 
 

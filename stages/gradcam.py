@@ -16,6 +16,7 @@ import pandas as pd
 
 from cxr import tracking
 from cxr.atomic import atomic_path, write_json
+from cxr.classifier import Classifier
 from cxr.dataset import CLASSES
 from cxr.device import pick_device
 from cxr.explain import (
@@ -30,7 +31,6 @@ from cxr.explain import (
 )
 from cxr.figures import save_montage, save_panel
 from cxr.images import square_geometry
-from cxr.model import Classifier
 from cxr.params import ParamsError, load_params
 from cxr.processed import ProcessedSplit, load_split
 from cxr.stage import paths, require, run
@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = params.gradcam
     require(args.model, args.threshold, args.predictions, args.processed, args.lesions)
     device = str(pick_device(params.runtime.device))
-    classifier = Classifier.load(args.model, device=device, threshold_file=args.threshold)
+    classifier = Classifier.load(
+        args.model, device=device, threshold_file=args.threshold, with_guard=False
+    )
     model, size = classifier.model, classifier.card.image_size
     try:
         layer = resolve_target_layer(model, settings.target_layer)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ TINY_PARAMS = {
     "data": {"demo_patients": 40, "demo_min_side": 48, "demo_max_side": 80},
     "train": {"patience": 2},
     "runtime": {"workers": 1, "threads": 2},
+    "guard": {"ood_images": 8},
     "evaluate": {"bootstrap": 50},
     "gradcam": {"per_outcome": 1, "score_images": 8},
 }
@@ -85,6 +89,30 @@ def sh(cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
     return result.stdout + result.stderr
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(command: list[str], url: str, ready: str, **popen) -> subprocess.Popen:
+    """Start a server process and wait until GET url+ready answers; fail with its output if it
+    exits or takes over 3 minutes. The caller stops it."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(url + ready, timeout=2):
+                return process
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"{command[0]} did not start:\n{process.stdout.read()}")
+            time.sleep(0.5)
+
+
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the project with tiny params, as the working directory."""
@@ -105,11 +133,11 @@ def prepared_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained(prepared_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the prepared project after train, evaluate and gradcam (read-only use)."""
+    """A copy of the prepared project after train, guard, evaluate and gradcam (read-only use)."""
     tmp = tmp_path_factory.mktemp("trained")
     folder = tmp / "project"
     shutil.copytree(prepared_project, folder)
     env = tool_env(tmp)
-    for stage in ("train", "evaluate", "gradcam"):
+    for stage in ("train", "guard", "evaluate", "gradcam"):
         run_stage(folder, stage, env=env)
     return folder

@@ -36,7 +36,7 @@ def dvc(repo: tuple[Path, dict[str, str]], *args: str) -> str:
 
 def test_repro_runs_every_stage_then_nothing(repo):
     out = dvc(repo, "repro")
-    for stage in ("download", "split", "preprocess", "train", "evaluate", "gradcam"):
+    for stage in ("download", "split", "preprocess", "train", "guard", "evaluate", "gradcam"):
         assert f"Running stage '{stage}'" in out
     folder, env = repo
     sh(folder, "git", "add", "-A", env=env)
@@ -94,10 +94,12 @@ def test_metrics_show_parses_every_metrics_file(repo):
     assert set(files) == {
         "metrics/train.json",
         "metrics/evaluate.json",
+        "metrics/guard.json",
         "metrics/gradcam.json",
         "metrics/export.json",
     }
     assert "roc_auc" in files["metrics/evaluate.json"]["data"]["test"]
+    assert "auroc" in files["metrics/guard.json"]["data"]["by_kind"]["noise"]
 
 
 def test_exp_run_with_set_param_reaches_the_optimizer_as_a_float(repo):
@@ -112,7 +114,8 @@ def test_exp_run_with_set_param_reaches_the_optimizer_as_a_float(repo):
     )
     # One training run and one child run per later stage, all tagged with the experiment.
     stages = [r.data.tags.get("dvc.stage") for r in runs]
-    assert stages[:2] == ["train", "evaluate"] and sorted(stages[2:]) == ["export", "gradcam"]
+    assert stages[:3] == ["train", "guard", "evaluate"]
+    assert sorted(stages[3:]) == ["export", "gradcam"]
     training_run = runs[0]
     assert training_run.data.params["lr"] == "1e-05"
     history = client.get_metric_history(training_run.info.run_id, "lr")
@@ -120,7 +123,7 @@ def test_exp_run_with_set_param_reaches_the_optimizer_as_a_float(repo):
     assert [m.value for m in sorted(history, key=lambda m: m.step)][1] == 1e-5
     for child in runs[1:]:
         assert child.data.tags["mlflow.parentRunId"] == training_run.info.run_id
-    assert "test_roc_auc" in runs[1].data.metrics
+    assert "guard_ood_auroc" in runs[1].data.metrics and "test_roc_auc" in runs[2].data.metrics
     # The registered version names the experiment and the commit it came from.
     version = client.get_model_version_by_alias("chest-xray-pneumonia", "candidate")
     assert version.tags["dvc.exp_name"] == "small-lr"

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from cxr.model import Classifier
+from cxr.classifier import Classifier
 from cxr.onnx_model import OnnxClassifier
 from cxr.predict import main as predict
 from cxr.processed import load_split
@@ -34,7 +34,8 @@ def test_onnx_logits_equal_pytorch_on_the_test_split(exported: Path):
     test_images = np.asarray(load_split("test", exported / "data/processed").images)
     assert report["images_checked"] == len(test_images)
     assert report["max_abs_logit_difference"] < 1e-4
-    assert report["same_class"] == 1.0
+    assert report["same_class"] == report["same_guard_verdict"] == 1.0
+    assert report["max_rel_guard_score_difference"] < 1e-4
     assert report["opset"] == 18
     assert onnx.load(str(exported / "models/model.onnx")).opset_import[0].version == 18
 
@@ -42,23 +43,35 @@ def test_onnx_logits_equal_pytorch_on_the_test_split(exported: Path):
     torch_model = Classifier.load(exported / "models/model.pt")
     assert onnx_model.card == torch_model.card  # the card and threshold travel in the file
     assert onnx_model.threshold == torch_model.threshold
-    for batch in (test_images[:1], test_images[:5]):  # the batch dimension is dynamic
-        np.testing.assert_allclose(
-            onnx_model.predict_proba(batch), torch_model.predict_proba(batch), atol=1e-5
-        )
+    assert onnx_model.ood_threshold == torch_model.ood_threshold  # the guard is in the graph
+    noise = np.random.default_rng(0).integers(0, 256, test_images[:1].shape, dtype=np.uint8)
+    for batch in (test_images[:1], np.concatenate([test_images[:4], noise])):  # dynamic batch
+        onnx_answer, torch_answer = onnx_model.assess(batch), torch_model.assess(batch)
+        np.testing.assert_allclose(onnx_answer.probability, torch_answer.probability, atol=1e-5)
+        np.testing.assert_allclose(onnx_answer.ood_score, torch_answer.ood_score, rtol=1e-4)
+    assert onnx_answer.out_of_distribution[-1] and torch_answer.out_of_distribution[-1]
 
 
-def test_cli_onnx_backend_gives_the_same_classes(exported: Path, capsys: pytest.CaptureFixture):
-    files = [sorted((exported / "data/raw/test" / c).iterdir())[0] for c in ("NORMAL", "PNEUMONIA")]
+def test_cli_onnx_backend_gives_the_same_answers(exported: Path, capsys: pytest.CaptureFixture):
+    files = [
+        p
+        for c in ("NORMAL", "PNEUMONIA")
+        for p in sorted((exported / "data/raw/test" / c).iterdir())[:3]
+    ]
     answers = {}
     for backend, model in (("torch", "model.pt"), ("onnx", "model.onnx")):
         argv = [*map(str, files), "--model", str(exported / "models" / model), "--no-cam"]
         assert predict([*argv, "--backend", backend]) == 0
-        lines = [line for line in capsys.readouterr().out.splitlines() if "p(pneumonia)" in line]
-        answers[backend] = [(line.split("  ")[0], line.split("  ")[2]) for line in lines]
-        probabilities = [float(line.split("=")[1].split()[0]) for line in lines]
-        answers[f"{backend} p"] = probabilities
-    assert answers["onnx"] == answers["torch"] and len(answers["onnx"]) == 2
+        lines = capsys.readouterr().out.splitlines()[1:]  # after the model line
+        # label, or the guard's verdict; the numbers are compared apart, to a tolerance
+        answers[backend] = [
+            line.split("  ")[:3:2] if "p(pneumonia)" in line else line.split(": ")[0]
+            for line in lines
+        ]
+        answers[f"{backend} p"] = [
+            float(line.split("=")[1].split()[0]) for line in lines if "p(pneumonia)" in line
+        ]
+    assert answers["onnx"] == answers["torch"] and len(answers["onnx"]) == 6
     np.testing.assert_allclose(answers["onnx p"], answers["torch p"], atol=1e-4)
 
 

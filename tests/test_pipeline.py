@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from cxr import training
+from cxr.classifier import Classifier, decide
 from cxr.explain import compute_cams, resolve_target_layer
-from cxr.model import Classifier
 from cxr.params import ParamsError
 from cxr.predict import main as predict
 from cxr.processed import load_split
@@ -41,8 +41,8 @@ def test_train_writes_model_metrics_and_history(trained: Path):
     assert (card.arch, card.image_size, card.resize) == ("densenet121", 32, "pad")
 
 
-def test_training_run_has_one_child_run_per_evaluate_and_gradcam(trained: Path):
-    client, (run, evaluation, gradcam) = _runs(trained.parent / "mlflow.db")
+def test_training_run_has_one_child_run_per_later_stage(trained: Path):
+    client, (run, guard, evaluation, gradcam) = _runs(trained.parent / "mlflow.db")
     assert run.data.params["lr"] == "0.001"
     assert run.data.params["train.augment.hflip"] == "True"
     assert len(client.get_metric_history(run.info.run_id, "val_auc")) == 2
@@ -51,7 +51,9 @@ def test_training_run_has_one_child_run_per_evaluate_and_gradcam(trained: Path):
     report = json.loads((trained / "metrics/evaluate.json").read_text())
     assert evaluation.data.metrics["test_roc_auc"] == report["test"]["roc_auc"]
     assert gradcam.data.metrics["gradcam_images_scored"] > 0
-    for child, stage in ((evaluation, "evaluate"), (gradcam, "gradcam")):
+    guard_report = json.loads((trained / "metrics/guard.json").read_text())
+    assert guard.data.metrics["guard_ood_auroc"] == guard_report["ood"]["auroc"]
+    for child, stage in ((guard, "guard"), (evaluation, "evaluate"), (gradcam, "gradcam")):
         assert child.data.tags["mlflow.parentRunId"] == run.info.run_id
         assert child.data.tags["dvc.stage"] == stage
     assert {a.path for a in client.list_artifacts(evaluation.info.run_id)} == {"evaluation"}
@@ -111,8 +113,11 @@ def test_cli_explains_files_and_folders_and_reports_bad_ones(
 ):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    for label in ("NORMAL", "PNEUMONIA"):
-        source = sorted((trained / "data/raw/test" / label).iterdir())[0]
+    classifier = Classifier.load(trained / "models/model.pt")
+    for label in ("NORMAL", "PNEUMONIA"):  # one of each that the input guard lets through
+        files = sorted((trained / "data/raw/test" / label).iterdir())
+        decisions = decide(classifier, np.stack([classifier.load_image(f) for f in files]))
+        source = next(f for f, d in zip(files, decisions, strict=True) if d.in_distribution)
         shutil.copy(source, inbox / source.name)
     (inbox / "corrupt.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     model = str(trained / "models/model.pt")

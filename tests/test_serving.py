@@ -5,23 +5,22 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr.model import Classifier
+from cxr.classifier import Classifier
 from cxr.predict import main as predict
-from tests.conftest import REPO, run_stage, sh, tool_env
+from tests.conftest import REPO, free_port, run_stage, serve, sh, tool_env
 
 NAME = "chest-xray-pneumonia"  # params.yaml mlflow.registered_model
 # README, Deploy: the call a user types, with its port and file filled in.
@@ -45,7 +44,8 @@ def evaluated(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
 @pytest.fixture(scope="module")
 def xrays(evaluated: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Real files of each kind a hospital may send: a JPEG, a PNG, an RGB JPEG, a corrupt one."""
+    """Files of each kind a hospital may send: a JPEG, a PNG, an RGB JPEG, a corrupt one, and
+    one that is not an X-ray at all (noise)."""
     folder, _ = evaluated
     out = tmp_path_factory.mktemp("xrays")
     normal = sorted((folder / "data/raw/test/NORMAL").iterdir())[0]
@@ -54,18 +54,29 @@ def xrays(evaluated: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory
     Image.open(sick).save(out / "sick.png")
     Image.open(sick).convert("RGB").rotate(3).save(out / "sick_rgb.jpeg", quality=90)
     (out / "corrupt.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    return [out / n for n in ("normal.jpeg", "sick.png", "sick_rgb.jpeg", "corrupt.jpeg")]
+    noise = np.random.default_rng(0).integers(0, 256, (200, 240), dtype=np.uint8)
+    Image.fromarray(noise).save(out / "noise.png")
+    names = ("normal.jpeg", "sick.png", "sick_rgb.jpeg", "corrupt.jpeg", "noise.png")
+    return [out / n for n in names]
 
 
 def cli_answers(model: Path, files: list[Path], capsys: pytest.CaptureFixture) -> dict:
-    """pneumonia-predict's (probability, label) per readable file, as it prints them."""
+    """pneumonia-predict's (probability, label) per readable file, as it prints them; (None,
+    None) for a file its input guard flags."""
     predict([*map(str, files), "--model", str(model), "--no-cam"])
     answers = {}
     for line in capsys.readouterr().out.splitlines():
         if "p(pneumonia)=" in line:
-            path, probability, label = line.split("  ")
+            path, probability, label, *_ = line.split("  ")
             answers[Path(path).name] = (float(probability.split("=")[1]), label)
+        elif "  OUT OF DISTRIBUTION: " in line:
+            answers[Path(line.split("  ")[0]).name] = (None, None)
     return answers
+
+
+def as_printed(probability: float, label: str | None) -> tuple:
+    """A served row as the CLI prints it: no probability where the guard withheld the label."""
+    return (None, None) if label is None else (round(probability, 4), label)
 
 
 def test_each_evaluation_registers_a_candidate_with_its_card(evaluated: tuple[Path, dict]):
@@ -83,7 +94,8 @@ def test_each_evaluation_registers_a_candidate_with_its_card(evaluated: tuple[Pa
     # Weights and threshold are artifacts; the model is code, not a pickled object.
     mlflow.set_tracking_uri(uri)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@candidate"))
-    assert sorted(p.name for p in (local / "artifacts").iterdir()) == ["model.pt", "threshold.json"]
+    artifacts = sorted(p.name for p in (local / "artifacts").iterdir())
+    assert artifacts == ["guard.pt", "model.pt", "threshold.json"]
     assert not list(local.rglob("*.pkl"))
     model = mlflow.models.Model.load(local)
     assert model.signature.inputs.to_dict() == [
@@ -100,21 +112,20 @@ def test_pyfunc_answers_like_the_cli_and_reports_a_corrupt_image(
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@candidate")
     out = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in xrays]}))
     expected = cli_answers(folder / "models/model.pt", xrays, capsys)
-    assert sorted(expected) == ["normal.jpeg", "sick.png", "sick_rgb.jpeg"]
+    assert sorted(expected) == ["noise.png", "normal.jpeg", "sick.png", "sick_rgb.jpeg"]
     for path, row in zip(xrays[:3], out.itertuples(), strict=False):
-        assert (round(row.probability, 4), row.label) == expected[path.name]
-        assert pd.isna(row.error)
+        assert as_printed(row.probability, row.label) == expected[path.name]
+        assert pd.isna(row.error) and row.in_distribution is (row.label is not None)
     corrupt = out.iloc[3]
     assert corrupt.probability is None and corrupt.label is None
     assert corrupt.error.startswith("image 3: ")  # the row names the image; PIL says what broke
     threshold = json.loads((folder / "models/threshold.json").read_text())["threshold"]
     assert (out["threshold"] == threshold).all()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    noise = out.iloc[4]  # a diagnosis withheld, the probability kept for audit
+    assert expected["noise.png"] == (None, None)
+    assert noise.in_distribution is False and noise.label is None and noise.probability >= 0
+    assert noise.warning.startswith("not like the chest X-rays this model was trained on")
+    assert noise.ood_score > noise.ood_threshold == out.iloc[0].ood_threshold
 
 
 def post(url: str, files: list[Path]) -> tuple[int, dict]:
@@ -136,23 +147,9 @@ def server(evaluated: tuple[Path, dict]) -> str:
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     command = [str(mlflow_cli), "models", "serve", "-m", f"models:/{NAME}@candidate",
                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]  # fmt: skip
-    process = subprocess.Popen(
-        command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
     url = f"http://127.0.0.1:{port}"
+    process = serve(command, url, "/ping", cwd=folder, env=env)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"mlflow models serve did not start:\n{process.stdout.read()}")
-            time.sleep(0.5)
         yield url
     finally:
         process.terminate()
@@ -168,14 +165,15 @@ def test_served_model_answers_like_the_cli(
     rows = answer["predictions"]
     expected = cli_answers(folder / "models/model.pt", xrays, capsys)
     for path, row in zip(xrays[:3], rows, strict=False):
-        assert (round(row["probability"], 4), row["label"]) == expected[path.name]
+        assert as_printed(row["probability"], row["label"]) == expected[path.name]
     assert rows[3]["error"].startswith("image 3: ")
     assert rows[3]["label"] is None and rows[3]["probability"] is None
+    assert rows[4]["in_distribution"] is False and rows[4]["label"] is None
     command = CURL.replace("FILE", str(xrays[1])).replace("URL", server)
     (row,) = json.loads(subprocess.run(["bash", "-c", command], capture_output=True).stdout)[
         "predictions"
     ]
-    assert (round(row["probability"], 4), row["label"]) == expected["sick.png"]
+    assert as_printed(row["probability"], row["label"]) == expected["sick.png"]
 
 
 def test_promotion_points_champion_at_the_candidate(evaluated: tuple[Path, dict]):

@@ -9,9 +9,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from cxr import training
+from cxr.classifier import Classifier
 from cxr.device import autocast_dtype, grad_scaler
 from cxr.images import load_square
-from cxr.model import Classifier, ModelCard, create_model, save_model
+from cxr.model import ModelCard, create_model, save_model
 from cxr.params import AugmentParams, Params, ParamsError, load_params
 from cxr.training import (
     DeviceData,
