@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from cxr.params import ParamsError
+from cxr.stage import queue_workers
 
 
 def pick_device(choice: str) -> torch.device:
@@ -54,3 +57,40 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     """channels_last (NHWC) runs faster convolution kernels on CUDA and on this CPU as well
     (1.27x for DenseNet121's training step at 128 px, bench/cpu_training.py)."""
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def local_processes() -> int:
+    """Training processes on this machine (torchrun's --nproc-per-node), 1 outside torchrun."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def memory_budget(configured_gb: float, device: torch.device) -> int:
+    """Bytes of images the train stage may hold on `device` (`runtime.memory_budget_gb`, in
+    decimal GB).
+
+    0 = half of the device's memory, leaving the rest to the model, its activations and the
+    optimizer: a GPU's own memory, or on a CPU the machine's memory shared by the training
+    processes on it (each holds its own copy of the splits).
+    """
+    if configured_gb:
+        return int(configured_gb * 1e9)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 2
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() // 2
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return physical // 2 // local_processes()
+
+
+def use_cpu_threads(configured: int) -> int:
+    """Set torch's CPU threads (`runtime.threads`; 0 = this process's share of the cores).
+
+    torch starts one thread per core in every process, so two processes on a 2-core machine
+    run 4 threads that evict each other's caches: two queued experiments trained at 4 images/s
+    each where one alone did 30. The share divides the cores among the training processes on
+    this machine and the `dvc queue` workers running now.
+    """
+    sharing = local_processes() * queue_workers()
+    threads = configured or max(1, len(os.sched_getaffinity(0)) // sharing)
+    torch.set_num_threads(threads)
+    return threads

@@ -85,6 +85,7 @@ class TrainParams(Section):
     monitor: Literal["auc", "loss"]
     label_smoothing: Annotated[float, Field(ge=0, le=0.4)]
     ema_decay: Annotated[float, Field(ge=0, lt=1)]
+    sync_batchnorm: bool
     precision: Literal["auto", "bf16", "fp16", "fp32"]
     augment: AugmentParams
 
@@ -123,6 +124,8 @@ class RuntimeParams(Section):
     threads: Count
     workers: Count
     resume: bool
+    processes: Annotated[int, Field(ge=1)]
+    memory_budget_gb: NonNegative
 
 
 class MlflowParams(Section):
@@ -155,6 +158,8 @@ class Params(Section):
             raise ValueError("data.demo_min_side must not exceed data.demo_max_side")
         if self.train.freeze_epochs > self.epochs:
             raise ValueError("train.freeze_epochs must not exceed epochs")
+        if self.runtime.processes > self.batch_size:
+            raise ValueError("runtime.processes must not exceed batch_size (each takes rows)")
         if self.data.source == "url" and not (self.data.url and self.data.url_sha256):
             raise ValueError("data.source=url needs data.url and data.url_sha256")
         return self

@@ -1,8 +1,10 @@
 """The training loop, as free functions that take the objects they use.
 
-The whole preprocessed training set sits on the training device as uint8; each batch is
-gathered, augmented and normalized there, so the accelerator never waits on CPU-side image
-decoding or per-sample Python transforms.
+The preprocessed training set sits on the training device as uint8 when it fits there
+(`DeviceData`), else batches stream from the memory-mapped arrays (`StreamedData`); either way
+each batch is augmented and normalized on the device, so the accelerator never waits on
+CPU-side image decoding or per-sample Python transforms. Under torchrun every process follows
+the same batch order and trains on its share of each batch (cxr/distributed.py).
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +24,16 @@ from sklearn.metrics import roc_auc_score
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from cxr.atomic import atomic_path
 from cxr.device import grad_scaler
+from cxr.distributed import ONE_PROCESS, Ranks
 from cxr.params import AugmentParams, Params
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images (B, H, W), float labels (B,)
 
 
 @dataclass
@@ -42,6 +49,42 @@ class DeviceData:
             torch.from_numpy(np.array(images, dtype=np.uint8)).to(device),
             torch.from_numpy(labels.astype(np.float32)).to(device),
         )
+
+    def batches(self, order: list[torch.Tensor]) -> Iterator[Batch]:
+        for index in order:
+            index = index.to(self.labels.device, non_blocking=True)
+            yield self.images[index], self.labels[index]
+
+
+@dataclass
+class StreamedData:
+    """A split too large for the device: images stay in the memory-mapped array and each
+    batch is gathered on the CPU while the previous one trains (one batch of prefetch), into
+    pinned memory on CUDA so the copy to the GPU is asynchronous."""
+
+    images: np.ndarray  # (N, H, W) uint8, memory-mapped
+    labels: torch.Tensor  # (N,) float, on the device: small
+
+    @classmethod
+    def from_arrays(cls, images: np.ndarray, labels: np.ndarray, device: torch.device):
+        return cls(images, torch.from_numpy(labels.astype(np.float32)).to(device))
+
+    def _gather(self, index: torch.Tensor) -> torch.Tensor:
+        rows = torch.from_numpy(self.images[index.numpy()])
+        return rows.pin_memory() if self.labels.is_cuda else rows
+
+    def batches(self, order: list[torch.Tensor]) -> Iterator[Batch]:
+        device = self.labels.device
+        with ThreadPoolExecutor(max_workers=1) as prefetch:
+            pending = prefetch.submit(self._gather, order[0]) if order else None
+            for step, index in enumerate(order):
+                rows = pending.result()
+                if step + 1 < len(order):
+                    pending = prefetch.submit(self._gather, order[step + 1])
+                yield rows.to(device, non_blocking=True), self.labels[index.to(device)]
+
+
+TrainingData = DeviceData | StreamedData
 
 
 @dataclass(frozen=True)
@@ -67,13 +110,19 @@ class Run:
     """What one training run advances step by step; `checkpoint` saves all of it."""
 
     model: nn.Module
-    forward: Callable[[torch.Tensor], torch.Tensor]  # the model, compiled or not
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: AveragedModel | None
     scaler: torch.amp.GradScaler | None
     order_rng: torch.Generator
     augment_rng: torch.Generator
+    ranks: Ranks
+    compile: bool
+    # The model as the training step calls it (wrapped for DDP, compiled), and the first layer
+    # group it trains: DDP registers the trainable parameters when it wraps the model, so the
+    # model is wrapped again when (progressive) unfreezing changes them.
+    forward: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
+    trainable_from: int = 0
 
     @property
     def kept_model(self) -> nn.Module:
@@ -82,7 +131,12 @@ class Run:
 
 
 def create_run(
-    model: nn.Module, params: Params, numerics: Numerics, steps_per_epoch: int, compile: bool
+    model: nn.Module,
+    params: Params,
+    numerics: Numerics,
+    steps_per_epoch: int,
+    compile: bool,
+    ranks: Ranks = ONE_PROCESS,
 ) -> Run:
     device = numerics.device
     model.to(device, memory_format=numerics.memory_format)
@@ -104,20 +158,48 @@ def create_run(
         ema = AveragedModel(model, multi_avg_fn=averaging, use_buffers=True)
     return Run(
         model=model,
-        forward=torch.compile(model) if compile else model,
         optimizer=optimizer,
         scheduler=scheduler,
         ema=ema,
         scaler=grad_scaler(numerics.dtype, device),
+        # Every process draws the same batch order and augmentations from the same seed.
         order_rng=torch.Generator().manual_seed(params.seed),
         augment_rng=torch.Generator(device=device).manual_seed(params.seed + 1),
+        ranks=ranks,
+        compile=compile,
+        forward=wrap(model, ranks, compile),  # a new model trains from its first group
     )
 
 
+def wrap(model: nn.Module, ranks: Ranks, compile: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model as the training step calls it: DDP all-reduces gradients between processes."""
+    forward = model
+    if ranks.distributed:
+        on_gpu = next(model.parameters()).is_cuda
+        devices = [torch.cuda.current_device()] if on_gpu else None
+        forward = DistributedDataParallel(model, device_ids=devices)
+    return torch.compile(forward) if compile else forward
+
+
+def steps_per_epoch(n: int, batch_size: int, processes: int = 1) -> int:
+    """How many batches `batch_order` makes of n images."""
+    steps = -(-n // batch_size)
+    tail = n % batch_size
+    return steps - 1 if steps > 1 and 0 < tail < processes else steps
+
+
 def batch_order(
-    labels: torch.Tensor, batch_size: int, balanced: bool, generator: torch.Generator
+    labels: torch.Tensor,
+    batch_size: int,
+    balanced: bool,
+    generator: torch.Generator,
+    processes: int = 1,
 ) -> list[torch.Tensor]:
-    """One epoch of index batches; `balanced` draws both classes equally often."""
+    """One epoch of index batches; `balanced` draws both classes equally often.
+
+    A last batch with fewer images than there are processes joins the one before it, so every
+    process has rows in every step.
+    """
     n = len(labels)
     if balanced:
         labels_cpu = labels.long().cpu()
@@ -125,25 +207,39 @@ def batch_order(
         order = torch.multinomial(weights, n, replacement=True, generator=generator)
     else:
         order = torch.randperm(n, generator=generator)
-    return list(order.split(batch_size))
+    batches = list(order.split(batch_size))
+    if len(batches) > steps_per_epoch(n, batch_size, processes):
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
 
 
-def augment(x: torch.Tensor, aug: AugmentParams, generator: torch.Generator) -> torch.Tensor:
+def augment(
+    x: torch.Tensor,
+    aug: AugmentParams,
+    generator: torch.Generator,
+    rows: tuple[int, slice] | None = None,
+) -> torch.Tensor:
     """Per-image random rotation, zoom, shift, flip, brightness and contrast, for a whole batch.
 
-    x: (B, 1, H, W) floats in [0, 1] on the generator's device.
+    x: (B, 1, H, W) floats in [0, 1] on the generator's device. Under DDP, x is one process's
+    share of a batch: rows = (size of the whole batch, the share's rows in it). The random
+    draws are made for the whole batch and the share's rows kept, so each image is augmented
+    the same however many processes train.
     """
-    b = x.shape[0]
+    n, keep = rows if rows is not None else (x.shape[0], slice(None))
+
+    def draw() -> torch.Tensor:
+        return torch.rand(n, generator=generator, device=x.device)[keep]
 
     def uniform(half_width: float) -> torch.Tensor:
-        u = torch.rand(b, generator=generator, device=x.device)
-        return (2 * u - 1) * half_width
+        return (2 * draw() - 1) * half_width
 
+    b = x.shape[0]
     angle = uniform(math.radians(aug.rotation_deg))
     scale = 1 + uniform(aug.zoom)
     flip = torch.ones(b, device=x.device)
     if aug.hflip:
-        flip = torch.where(torch.rand(b, generator=generator, device=x.device) < 0.5, -1.0, 1.0)
+        flip = torch.where(draw() < 0.5, -1.0, 1.0)
     shift_x, shift_y = 2 * uniform(aug.translate), 2 * uniform(aug.translate)
     cos, sin = angle.cos() / scale, angle.sin() / scale
     theta = torch.stack(
@@ -208,18 +304,28 @@ def set_trainable(model: nn.Module, groups: list[list[str]], first: int) -> None
 
 
 def train_step(
-    run: Run, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, numerics: Numerics
+    run: Run,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: nn.Module,
+    numerics: Numerics,
+    share: float = 1.0,
 ) -> torch.Tensor:
-    """One optimizer step on a ready batch; returns the loss."""
+    """One optimizer step on a ready batch; returns the loss (the mean over x).
+
+    `share`: x's rows times the number of processes over the whole batch's rows. DDP averages
+    the processes' gradients, so weighting each process's mean loss by it makes the step the
+    gradient of the whole batch's mean loss, also when the shares differ by a row.
+    """
     with numerics.autocast():
         logits = run.forward(x).float().squeeze(1)
     loss = loss_fn(logits, y)
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler is None:
-        loss.backward()
+        (loss * share).backward()
         run.optimizer.step()
     else:  # fp16: scale the loss so small gradients do not underflow, unscale before the step
-        run.scaler.scale(loss).backward()
+        run.scaler.scale(loss * share).backward()
         run.scaler.step(run.optimizer)
         run.scaler.update()
     run.scheduler.step()
@@ -230,55 +336,64 @@ def train_step(
 
 def train_one_epoch(
     run: Run,
-    data: DeviceData,
+    data: TrainingData,
     params: Params,
     numerics: Numerics,
     loss_fn: nn.Module,
     epoch: int,
 ) -> tuple[float, float]:
-    """One pass over the training data; returns (mean loss, images per second)."""
+    """One pass over the training data; returns (mean loss, images per second), both over all
+    processes."""
     groups = layer_groups(run.model)
     first = first_trainable_group(
         epoch, params.train.freeze_epochs, params.train.unfreeze, len(groups)
     )
     set_trainable(run.model, groups, first)
+    if first != run.trainable_from:
+        run.forward, run.trainable_from = wrap(run.model, run.ranks, run.compile), first
     balanced = params.train.imbalance == "sampler"
-    batches = batch_order(data.labels, params.batch_size, balanced, run.order_rng)
+    ranks = run.ranks
+    order = batch_order(data.labels, params.batch_size, balanced, run.order_rng, ranks.world)
+    shares = [ranks.share(index) for index in order]
     smoothing = params.train.label_smoothing
     total_loss = torch.zeros((), device=numerics.device)
-    seen, started = 0, time.perf_counter()
-    progress = tqdm(batches, desc=f"epoch {epoch}/{params.epochs}", unit="batch", leave=False)
-    for step, index in enumerate(progress):
-        index = index.to(numerics.device, non_blocking=True)
-        x = data.images[index].float().div_(255.0).unsqueeze(1)
-        x = numerics.normalize(augment(x, params.train.augment, run.augment_rng))
-        y = data.labels[index] * (1 - smoothing) + 0.5 * smoothing
-        total_loss += train_step(run, x, y, loss_fn, numerics) * len(index)
-        seen += len(index)
-        if step % 10 == 0 or step == len(batches) - 1:
+    seen, mine, started = 0, 0, time.perf_counter()
+    progress = tqdm(
+        data.batches(shares), total=len(order), desc=f"epoch {epoch}/{params.epochs}",
+        unit="batch", leave=False, disable=not ranks.main,
+    )  # fmt: skip
+    for step, (images, labels) in enumerate(progress):
+        rows = (len(order[step]), slice(ranks.rank, None, ranks.world))
+        x = images.float().div_(255.0).unsqueeze(1)
+        x = numerics.normalize(augment(x, params.train.augment, run.augment_rng, rows))
+        y = labels * (1 - smoothing) + 0.5 * smoothing
+        share = len(x) * ranks.world / len(order[step])
+        total_loss += train_step(run, x, y, loss_fn, numerics, share) * len(x)
+        seen, mine = seen + len(order[step]), mine + len(x)
+        if ranks.main and (step % 10 == 0 or step == len(order) - 1):
             rate = seen / (time.perf_counter() - started)
-            progress.set_postfix(loss=f"{total_loss.item() / seen:.4f}", img_s=f"{rate:.0f}")
-    return total_loss.item() / seen, seen / (time.perf_counter() - started)
+            progress.set_postfix(loss=f"{total_loss.item() / mine:.4f}", img_s=f"{rate:.0f}")
+    return ranks.sum(total_loss).item() / seen, seen / (time.perf_counter() - started)
 
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, images: torch.Tensor, numerics: Numerics, batch_size: int
+    model: nn.Module, data: TrainingData, numerics: Numerics, batch_size: int
 ) -> torch.Tensor:
     model.eval()
     logits = []
-    for start in range(0, len(images), batch_size):
-        x = numerics.normalize(images[start : start + batch_size].float().div(255.0).unsqueeze(1))
+    for images, _ in data.batches(list(torch.arange(len(data.labels)).split(batch_size))):
+        x = numerics.normalize(images.float().div(255.0).unsqueeze(1))
         with numerics.autocast():
             logits.append(model(x).float().squeeze(1))
     return torch.cat(logits)
 
 
 def validate(
-    model: nn.Module, data: DeviceData, numerics: Numerics, batch_size: int
+    model: nn.Module, data: TrainingData, numerics: Numerics, batch_size: int
 ) -> tuple[float, float]:
     """(loss, ROC-AUC) on validation data; the loss is unweighted, comparable across runs."""
-    logits = predict_logits(model, data.images, numerics, batch_size)
+    logits = predict_logits(model, data, numerics, batch_size)
     loss = F.binary_cross_entropy_with_logits(logits, data.labels).item()
     labels = data.labels.cpu().numpy()
     auc = roc_auc_score(labels, logits.cpu().numpy()) if len(set(labels)) == 2 else math.nan
@@ -299,8 +414,8 @@ def new_progress() -> dict:
 
 def fit(
     run: Run,
-    train: DeviceData,
-    val: DeviceData,
+    train: TrainingData,
+    val: TrainingData,
     params: Params,
     numerics: Numerics,
     loss_fn: nn.Module,
@@ -308,11 +423,19 @@ def fit(
     on_epoch_end: Callable[[dict], None],
 ) -> dict:
     """Frozen-then-unfrozen epochs, keeping the best epoch by `train.monitor` on validation and
-    stopping after `train.patience` epochs without a better one; returns progress."""
+    stopping after `train.patience` epochs without a better one; returns progress.
+
+    Under DDP only rank 0 validates, prints and calls `on_epoch_end`; every process gets its
+    validation figures, so all keep the same progress and stop at the same epoch.
+    """
+    main = run.ranks.main
     for epoch in range(progress["epoch"] + 1, params.epochs + 1):
         lr = run.optimizer.param_groups[0]["lr"]
         train_loss, rate = train_one_epoch(run, train, params, numerics, loss_fn, epoch)
-        val_loss, val_auc = validate(run.kept_model, val, numerics, 2 * params.batch_size)
+        val_loss, val_auc = math.nan, math.nan
+        if main:
+            val_loss, val_auc = validate(run.kept_model, val, numerics, 2 * params.batch_size)
+        val_loss, val_auc = run.ranks.from_main(val_loss, val_auc)
         frozen = epoch <= params.train.freeze_epochs
         progress["history"].append(
             {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc,
@@ -331,15 +454,17 @@ def fit(
             )
         else:
             progress["stale_epochs"] += 1
-        print(
-            f"epoch {epoch:3d}/{params.epochs}  train loss {train_loss:.4f}"
-            f"  val loss {val_loss:.4f}  val AUC {val_auc:.4f}  lr {lr:.2e}  {rate:.0f} img/s"
-            + ("  (backbone frozen)" if frozen else "")
-        )
-        on_epoch_end(progress)
+        if main:
+            print(
+                f"epoch {epoch:3d}/{params.epochs}  train loss {train_loss:.4f}"
+                f"  val loss {val_loss:.4f}  val AUC {val_auc:.4f}  lr {lr:.2e}"
+                f"  {rate:.0f} img/s" + ("  (backbone frozen)" if frozen else "")
+            )
+            on_epoch_end(progress)
         if progress["stale_epochs"] >= params.train.patience:
             monitor, patience = params.train.monitor, params.train.patience
-            print(f"early stop: no better validation {monitor} for {patience} epochs")
+            if main:
+                print(f"early stop: no better validation {monitor} for {patience} epochs")
             break
     return progress
 

@@ -17,7 +17,7 @@ from cxr import serving, tracking
 from cxr.atomic import write_csv, write_json
 from cxr.classifier import Classifier
 from cxr.dataset import CLASSES
-from cxr.device import pick_device
+from cxr.device import pick_device, use_cpu_threads
 from cxr.evaluation import (
     bootstrap_intervals,
     choose_threshold,
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         argv=argv,
     )
     params = load_params()
+    use_cpu_threads(params.runtime.threads)
     settings = params.evaluate
     require(args.model, args.guard, args.processed)
     device = str(pick_device(params.runtime.device))

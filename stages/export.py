@@ -17,6 +17,7 @@ import torch
 from cxr import tracking
 from cxr.atomic import atomic_path, write_json
 from cxr.classifier import Classifier
+from cxr.device import use_cpu_threads
 from cxr.guard import GuardedNetwork
 from cxr.onnx_model import OnnxClassifier, export_onnx
 from cxr.params import load_params
@@ -37,6 +38,7 @@ def torch_outputs(classifier: Classifier, images: np.ndarray, batch_size: int = 
 def main(argv: list[str] | None = None) -> None:
     args = paths(__doc__, "model", "threshold", "guard", "processed", "onnx", "metrics", argv=argv)
     params = load_params()
+    use_cpu_threads(params.runtime.threads)
     settings = params.export
     require(args.model, args.threshold, args.guard, args.processed)
     classifier = Classifier.load(args.model, threshold_file=args.threshold, guard_file=args.guard)

@@ -18,7 +18,7 @@ from cxr import tracking
 from cxr.atomic import atomic_path, write_json
 from cxr.classifier import Classifier
 from cxr.dataset import CLASSES
-from cxr.device import pick_device
+from cxr.device import pick_device, use_cpu_threads
 from cxr.explain import (
     compute_cams,
     energy_in_box,
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         argv=argv,
     )  # fmt: skip
     params = load_params()
+    use_cpu_threads(params.runtime.threads)
     settings = params.gradcam
     require(args.model, args.threshold, args.predictions, args.processed, args.lesions)
     device = str(pick_device(params.runtime.device))

@@ -20,6 +20,7 @@ from cxr import tracking
 from cxr.atomic import write_csv, write_json
 from cxr.classifier import Classifier
 from cxr.dataset import CLASSES
+from cxr.device import use_cpu_threads
 from cxr.explain import scoring_sample
 from cxr.figures import save_guard_figures
 from cxr.guard import fit_guard
@@ -46,6 +47,7 @@ def separation(scores: pd.DataFrame, kind: str | None = None) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = paths(__doc__, "model", "processed", "guard", "metrics", "plots", argv=argv)
     params = load_params()
+    use_cpu_threads(params.runtime.threads)
     settings = params.guard
     require(args.model, args.processed)
     classifier = Classifier.load(args.model, with_guard=False)

@@ -1,11 +1,13 @@
 """Train the timm classifier on the preprocessed arrays; record the run in MLflow.
 
 Keeps the best validation-AUC epoch. An interrupted run resumes from checkpoints/train.pt when
-`runtime.resume` is true.
+`runtime.resume` is true. With `runtime.processes` > 1 the stage starts itself again under
+torchrun, one process per device, and trains data-parallel; rank 0 writes every output.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import time
@@ -16,25 +18,36 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.models import infer_signature
+from timm.layers import convert_sync_batchnorm
 from torch import nn
 
-from cxr import tracking
+from cxr import distributed, tracking
 from cxr.atomic import write_csv, write_json
-from cxr.device import autocast_dtype, memory_format, pick_device
+from cxr.device import (
+    autocast_dtype,
+    memory_budget,
+    memory_format,
+    pick_device,
+    use_cpu_threads,
+)
+from cxr.distributed import Ranks
 from cxr.figures import save_history_figure
 from cxr.model import ModelCard, create_model, save_model
-from cxr.params import RUN_ONLY_SECTIONS, Params, as_flat_dict, load_params
-from cxr.processed import load_split, load_stats
+from cxr.params import RUN_ONLY_SECTIONS, Params, ParamsError, as_flat_dict, load_params
+from cxr.processed import ProcessedSplit, load_split, load_stats
 from cxr.stage import StageError, paths, require, run
 from cxr.training import (
     DeviceData,
     Numerics,
+    StreamedData,
+    TrainingData,
     checkpoint,
     create_run,
     fit,
     new_progress,
     restore,
     save_checkpoint,
+    steps_per_epoch,
 )
 
 CHECKPOINT = Path("checkpoints/train.pt")
@@ -97,16 +110,69 @@ def check_both_classes(name: str, labels: np.ndarray, index: pd.DataFrame) -> No
         )
 
 
+def place_data(
+    splits: list[ProcessedSplit], budget: int, device: torch.device
+) -> tuple[list[TrainingData], str]:
+    """On the device if the splits fit in the memory budget, else streamed from the arrays."""
+    size = sum(split.images.nbytes for split in splits)
+    kind = DeviceData if size <= budget else StreamedData
+    how = "held on" if kind is DeviceData else "streamed to"
+    note = f"{size / 1e9:.2f} GB of images {how} {device} (budget {budget / 1e9:.2f} GB)"
+    return [kind.from_arrays(split.images, split.labels, device) for split in splits], note
+
+
+def prepare_model(params: Params, ranks: Ranks) -> nn.Module:
+    """The network to train; with several processes, its BatchNorm layers synchronized when
+    `train.sync_batchnorm` says so (timm's conversion covers its BatchNorm+activation layers)."""
+    model = create_model(params.model.arch, params.model.pretrained, params.model.drop_rate)
+    if not (ranks.distributed and has_batchnorm(model)):
+        return model
+    if params.train.sync_batchnorm:
+        return convert_sync_batchnorm(model)
+    if ranks.main:
+        print("BatchNorm not synchronized: each process normalizes its own share of a batch")
+    return model
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def check_processes(params: Params, device: torch.device) -> None:
+    """Before torchrun starts anything: torch synchronizes BatchNorm on GPUs only."""
+    if params.train.sync_batchnorm and device.type != "cuda":
+        model = create_model(params.model.arch, "none", params.model.drop_rate)
+        if has_batchnorm(model):
+            raise ParamsError(
+                f"train.sync_batchnorm: synchronized BatchNorm needs CUDA, not {device.type}; "
+                f"set it to false to train {params.model.arch} in {params.runtime.processes} "
+                "processes with per-process BatchNorm statistics"
+            )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = paths(__doc__, "processed", "model", "metrics", "plots", argv=argv)
     params = load_params()
     require(args.processed)
     device = pick_device(params.runtime.device)
+    if params.runtime.processes > 1 and not distributed.launched_by_torchrun():
+        check_processes(params, device)
+        stage_args = [str(path) for path in vars(args).values()]
+        distributed.relaunch(params.runtime.processes, "stages.train", stage_args)
+    ranks, device = distributed.start(device)
+    try:
+        train_model(args, params, ranks, device)
+    finally:
+        distributed.stop()
+
+
+def train_model(
+    args: argparse.Namespace, params: Params, ranks: Ranks, device: torch.device
+) -> None:
     dtype = autocast_dtype(params.train.precision, device)
     torch.manual_seed(params.seed)
-    if params.runtime.threads:
-        torch.set_num_threads(params.runtime.threads)
-    model = create_model(params.model.arch, params.model.pretrained, params.model.drop_rate)
+    threads = use_cpu_threads(params.runtime.threads)
+    model = prepare_model(params, ranks)
 
     stats = load_stats(args.processed)
     train_split, val_split = load_split("train", args.processed), load_split("val", args.processed)
@@ -119,10 +185,10 @@ def main(argv: list[str] | None = None) -> None:
         stats["mean"],
         stats["std"],
     )
-    train = DeviceData.from_arrays(train_split.images, train_split.labels, device)
-    val = DeviceData.from_arrays(val_split.images, val_split.labels, device)
-    steps_per_epoch = -(-len(train.labels) // params.batch_size)
-    training = create_run(model, params, numerics, steps_per_epoch, params.runtime.compile)
+    budget = memory_budget(params.runtime.memory_budget_gb, device)
+    (train, val), placement = place_data([train_split, val_split], budget, device)
+    steps = steps_per_epoch(len(train.labels), params.batch_size, ranks.world)
+    training = create_run(model, params, numerics, steps, params.runtime.compile, ranks)
 
     positives = int(train_split.labels.sum())
     negatives = len(train_split.labels) - positives
@@ -133,11 +199,17 @@ def main(argv: list[str] | None = None) -> None:
     run_fingerprint = fingerprint(params, args.processed)
     saved = load_resumable(params, run_fingerprint)
     progress = restore(training, saved) if saved else new_progress()
+    if not ranks.main:
+        fit(training, train, val, params, numerics, loss_fn, progress, lambda _: None)
+        return
+    where = f"{ranks.world} processes (DDP), " if ranks.distributed else ""
     print(
-        f"training {params.model.arch} on {device} ({len(train.labels)} train: {negatives} "
-        f"NORMAL / {positives} PNEUMONIA, {len(val.labels)} val), pos_weight {pos_weight:.3f}, "
-        f"AdamW lr={training.optimizer.param_groups[0]['initial_lr']!r}"
+        f"training {params.model.arch} on {where}{device} ({len(train.labels)} train: "
+        f"{negatives} NORMAL / {positives} PNEUMONIA, {len(val.labels)} val), pos_weight "
+        f"{pos_weight:.3f}, AdamW lr={training.optimizer.param_groups[0]['initial_lr']!r}"
         + (f", resuming after epoch {progress['epoch']}" if saved else "")
+        + f"; {placement}"
+        + (f"; {threads} CPU threads" if device.type == "cpu" else "")
     )
 
     experiment_id = tracking.use_experiment(params.mlflow.experiment, params.mlflow.tracking_uri)
@@ -160,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
         progress = fit(training, train, val, params, numerics, loss_fn, progress, on_epoch_end)
         wall_time = time.perf_counter() - started
 
+        # A fresh network takes the kept weights: the saved model has plain BatchNorm layers
+        # even when training synchronized them across processes.
+        model = create_model(params.model.arch, "none", params.model.drop_rate)
         model.load_state_dict(progress["best_state"])
         card = ModelCard(
             arch=params.model.arch,

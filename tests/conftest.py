@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -97,20 +98,27 @@ def free_port() -> int:
 
 def serve(command: list[str], url: str, ready: str, **popen) -> subprocess.Popen:
     """Start a server process and wait until GET url+ready answers; fail with its output if it
-    exits or takes over 3 minutes. The caller stops it."""
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
-    )
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(url + ready, timeout=2):
-                return process
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"{command[0]} did not start:\n{process.stdout.read()}")
-            time.sleep(0.5)
+    exits or takes over 3 minutes. The caller stops it.
+
+    The output goes to a file, not a pipe: a server that logs every request would block once a
+    pipe nobody reads is full.
+    """
+    with tempfile.TemporaryFile(mode="w+") as output:  # the server keeps its own handle
+        process = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, text=True, **popen
+        )
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(url + ready, timeout=2):
+                    return process
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    process.wait()
+                    output.seek(0)
+                    pytest.fail(f"{command[0]} did not start:\n{output.read()}")
+                time.sleep(0.5)
 
 
 @pytest.fixture

@@ -1,9 +1,13 @@
-"""The review workflow end to end, as a user types it: repro, exp run -S, metrics/plots diff."""
+"""The review workflow end to end, as a user types it: repro, exp run -S, metrics/plots diff,
+a DVC remote shared by two clones, queued experiments logging to a tracking server."""
 
 import json
+import os
 import shutil
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -12,7 +16,7 @@ import yaml
 from dvc.repo import Repo
 
 from cxr.params import as_flat_dict, load_params
-from tests.conftest import copy_project, set_params, sh, tool_env
+from tests.conftest import REPO, copy_project, free_port, serve, set_params, sh, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +50,40 @@ def test_repro_runs_every_stage_then_nothing(repo):
     assert "metrics/evaluate.json" in tracked
     assert not any(path.startswith("data/raw/") for path in tracked)
     assert "Running stage" not in dvc(repo, "repro")
+
+
+def test_a_teammate_pulls_from_the_remote_and_recomputes_nothing(repo, tmp_path: Path):
+    folder, env = repo
+    remote = tmp_path / "dvc-remote"  # a plain directory; s3://, gs://, azure://, ssh:// alike
+    dvc(repo, "remote", "add", "--default", "team", str(remote))
+    dvc(repo, "push", "--run-cache")
+    sh(folder, "git", "commit", "-qam", "DVC remote", env=env)
+    assert any(remote.rglob("*"))
+
+    clone = tmp_path / "teammate"
+    sh(tmp_path, "git", "clone", "-q", str(folder), str(clone), env=env)
+    teammate = (clone, env)
+    assert not (clone / "models/model.pt").exists()
+    dvc(teammate, "pull")
+    assert "Running stage" not in dvc(teammate, "repro")
+    assert "up to date" in dvc(teammate, "status")
+    xray = next((clone / "data/raw/test/PNEUMONIA").iterdir())
+    predict = Path(sys.executable).parent / "pneumonia-predict"
+    cams = tmp_path / "cams"
+    out = sh(
+        clone, str(predict), str(xray), "--model", "models/model.pt", "--out", str(cams), env=env
+    )
+    assert f"{xray}  p(pneumonia)=" in out
+    # The pulled model is the one the first clone trained, byte for byte.
+    assert (clone / "models/model.pt").read_bytes() == (folder / "models/model.pt").read_bytes()
+
+    # The pull-request workflow's way: the remote from a secret, nothing recomputed.
+    ci = tmp_path / "ci"
+    sh(tmp_path, "git", "clone", "-q", str(folder), str(ci), env=env)
+    dvc((ci, env), "remote", "add", "--local", "--default", "--force", "team", str(remote))
+    out = sh(ci, "bash", str(REPO / ".ci/reproduce"), env={**env, "DVC_REMOTE_URL": str(remote)})
+    assert "Running stage" not in out
+    assert (ci / "models/model.pt").read_bytes() == (folder / "models/model.pt").read_bytes()
 
 
 def _changed(value):
@@ -172,21 +210,44 @@ def _wait_for_queue(repo: tuple[Path, dict[str, str]], timeout_s: float) -> str:
     pytest.fail(f"the queue did not finish in {timeout_s} s:\n{status}")
 
 
-def test_queued_experiments_run_two_at_a_time_from_a_fresh_clone(
-    repo, tmp_path_factory: pytest.TempPathFactory
+@pytest.fixture
+def tracking_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """`mlflow server` as the README starts it for a team, on a free loopback port: runs in a
+    SQL database, artifacts stored by the server and served through it."""
+    store = tmp_path / "mlflow-server"
+    store.mkdir()
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+        "--artifacts-destination", str(store / "artifacts"), "--serve-artifacts",
+        "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1",
+    ]  # fmt: skip
+    server = serve(command, url, "/health", start_new_session=True)
+    try:
+        yield url, store
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_queued_experiments_log_to_a_tracking_server_two_at_a_time_from_a_fresh_clone(
+    repo, tracking_server, tmp_path_factory: pytest.TempPathFactory
 ):
-    """`dvc queue start -j 2` runs in .dvc/tmp/exps/, against a fresh MLflow store, at once."""
+    """`dvc queue start -j 2` runs in .dvc/tmp/exps/ and logs every run and model to the
+    team's server through MLFLOW_TRACKING_URI, no file to the clone."""
     folder, env = repo
+    url, store = tracking_server
     clone = tmp_path_factory.mktemp("queue") / "clone"
     sh(folder.parent, "git", "clone", "-q", str(folder), str(clone), env=env)
     for split in ("train", "val", "test"):  # beside the clone, as ../shared is beside a checkout
         shutil.copytree(folder / "data/raw" / split, clone.parent / "xrays" / split)
-    env = {**env, "MLFLOW_TRACKING_URI": ""}  # the project's own store, created by the runs
+    env = {**env, "MLFLOW_TRACKING_URI": url}  # the workers inherit `dvc queue start`'s env
     queue = (clone, env)
-    # Two workers, one thread each: two 2-thread processes on 2 cores would thrash.
+    # runtime.threads 0: each of the two workers takes half the cores (cxr/device.py).
     set_params(
         clone,
-        {"data": {"source": "local", "local_path": "../xrays"}, "runtime": {"threads": 1}},
+        {"data": {"source": "local", "local_path": "../xrays"}, "runtime": {"threads": 0}},
     )
     sh(clone, "git", "commit", "-qam", "local source, relative path", env=env)
     for setting in ("lr=0.002", "lr=0.003", "seed=1"):
@@ -196,7 +257,7 @@ def test_queued_experiments_run_two_at_a_time_from_a_fresh_clone(
     assert status.count("Success") == 3, status
     assert "Failed" not in status
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{clone / 'mlruns' / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=url)
     (experiment,) = client.search_experiments(filter_string="name = 'chest-xray-pneumonia'")
     runs = client.search_runs([experiment.experiment_id])
     by_stage = {}
@@ -205,3 +266,18 @@ def test_queued_experiments_run_two_at_a_time_from_a_fresh_clone(
     # Each experiment: one training run and one evaluation record, under its own name.
     assert len(set(by_stage["train"])) == len(by_stage["train"]) == 3
     assert sorted(by_stage["evaluate"]) == sorted(by_stage["train"])
+    # Their models: logged by each training run and registered by each evaluation, stored by
+    # the server, and loadable from it by name.
+    trained = {r.info.run_id for r in runs if r.data.tags["dvc.stage"] == "train"}
+    logged = client.search_logged_models([experiment.experiment_id])
+    assert trained <= {m.source_run_id for m in logged}
+    versions = client.search_model_versions("name = 'chest-xray-pneumonia'")
+    assert len(versions) == 3
+    assert len(list((store / "artifacts").rglob("MLmodel"))) == len(logged) >= 6
+    assert all(run.info.artifact_uri.startswith("mlflow-artifacts:/") for run in runs)
+    assert "mlruns" not in sh(clone, "git", "status", "--porcelain", env=env)
+    load = (
+        "import mlflow; model = mlflow.pyfunc.load_model('models:/chest-xray-pneumonia@candidate')"
+        "; print(model.metadata.signature.outputs.input_names())"
+    )
+    assert "'probability'" in sh(clone.parent, sys.executable, "-c", load, env=env)

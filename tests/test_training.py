@@ -1,4 +1,6 @@
 import itertools
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from cxr import training
+from cxr import device, stage, training
 from cxr.classifier import Classifier
 from cxr.device import autocast_dtype, grad_scaler
 from cxr.images import load_square
@@ -18,6 +20,7 @@ from cxr.training import (
     DeviceData,
     Numerics,
     Run,
+    StreamedData,
     create_run,
     first_trainable_group,
     fit,
@@ -333,3 +336,95 @@ def test_fit_stops_early_and_keeps_the_best_epoch(params: Params, monkeypatch: p
     assert epochs == [1, 2, 3]
     assert (progress["best_epoch"], progress["best_score"]) == (2, 0.9)
     assert progress["best_state"]["fc.weight"].shape == (1, 512)
+
+
+def test_streamed_batches_train_exactly_as_batches_held_on_the_device(params: Params):
+    held = _squares(40, seed=3)  # 3 batches of 16: the last one is short
+    streamed = StreamedData(held.images.numpy(), held.labels)
+    losses = {}
+    for name, data in (("held", held), ("streamed", streamed)):
+        run = _run(params)
+        progress = fit(run, data, data, params, CPU, LOSS, new_progress(), lambda _: None)
+        losses[name] = [(h["train_loss"], h["val_loss"]) for h in progress["history"]]
+    assert len(losses["held"]) == params.epochs
+    assert losses["streamed"] == losses["held"]
+
+
+def test_streamed_batches_come_in_order_from_the_array():
+    images = np.arange(10 * 2 * 2, dtype=np.uint8).reshape(10, 2, 2)
+    data = StreamedData(images, torch.arange(10).float())
+    order = [torch.tensor([7, 1, 3]), torch.tensor([0]), torch.tensor([9, 8])]
+    batches = list(data.batches(order))
+    assert len(batches) == 3
+    for index, (x, y) in zip(order, batches, strict=True):
+        assert torch.equal(x, torch.from_numpy(images[index.numpy()]))
+        assert torch.equal(y, index.float())
+
+
+def test_a_batch_too_small_to_share_joins_the_one_before():
+    labels = torch.zeros(33)
+    alone = training.batch_order(labels, 16, False, torch.Generator().manual_seed(0))
+    shared = training.batch_order(labels, 16, False, torch.Generator().manual_seed(0), 2)
+    assert [len(b) for b in alone] == [16, 16, 1]
+    assert [len(b) for b in shared] == [16, 17]
+    assert torch.equal(torch.cat(shared), torch.cat(alone))
+    assert training.steps_per_epoch(33, 16, 1) == 3 and training.steps_per_epoch(33, 16, 2) == 2
+    assert training.steps_per_epoch(34, 16, 2) == 3 and training.steps_per_epoch(8, 16, 4) == 1
+
+
+def test_each_process_augments_its_rows_as_one_process_augments_the_batch(params: Params):
+    x = torch.rand(5, 1, SIZE, SIZE)
+    whole = augment_batch(x, params.train.augment, torch.Generator().manual_seed(4))
+    for rank in (0, 1):
+        rows = slice(rank, None, 2)
+        share = augment_batch(
+            x[rows], params.train.augment, torch.Generator().manual_seed(4), (5, rows)
+        )
+        torch.testing.assert_close(share, whole[rows])
+
+
+def test_cpu_threads_are_shared_by_the_processes_and_queue_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        assert device.use_cpu_threads(3) == 3 == torch.get_num_threads()
+        assert device.use_cpu_threads(0) == cores
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))  # torchrun --nproc-per-node
+        assert device.use_cpu_threads(0) == 1
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        monkeypatch.setattr(device, "queue_workers", lambda: 2 * cores)
+        assert device.use_cpu_threads(0) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_queue_workers_counts_the_live_dvc_queue_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    project = tmp_path / "project"
+    records = project / ".dvc/tmp/exps/celery"
+    records.mkdir(parents=True)
+    copy = project / ".dvc/tmp/exps/tmpab12cd"  # where DVC runs a queued experiment
+    copy.mkdir()
+    workers = {
+        1: {"pid": os.getpid(), "returncode": None},
+        2: {"pid": os.getppid(), "returncode": None},
+        3: {"pid": os.getpid(), "returncode": 0},  # exited; its record stays
+        4: {"pid": 2**22 + 1, "returncode": None},  # killed: no such process
+    }
+    for k, record in workers.items():
+        (records / f"dvc-exp-worker-{k}.json").write_text(json.dumps(record))
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    monkeypatch.chdir(copy)
+    assert stage.queue_workers() == 2
+    monkeypatch.chdir(project)  # `dvc repro` or `dvc exp run` in the project itself
+    assert stage.queue_workers() == 1
+
+
+def test_a_split_over_the_memory_budget_is_streamed():
+    cpu = torch.device("cpu")
+    assert device.memory_budget(0.5, cpu) == 500_000_000
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert device.memory_budget(0, cpu) == physical // 2
