@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr.guard import Guard, GuardedNetwork, forward_with_features
+from cxr.guard import Guard, forward_with_features
 from cxr.images import load_square
 from cxr.model import ModelCard, create_model, normalize
 
@@ -107,8 +107,8 @@ class Classifier:
             if self.guard is None:
                 logit = self.model(x).float()
             else:
-                logit, score = GuardedNetwork(self.model, self.guard)(x)
-                scores.append(score)
+                logit, features = forward_with_features(self.model, x)
+                scores.append(self.guard(features))
             if self.flip_tta:
                 logit = (logit.float() + self.model(x.flip(-1)).float()) / 2
             logits.append(logit.float())

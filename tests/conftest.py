@@ -10,6 +10,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -119,6 +121,33 @@ def serve(command: list[str], url: str, ready: str, **popen) -> subprocess.Popen
                     output.seek(0)
                     pytest.fail(f"{command[0]} did not start:\n{output.read()}")
                 time.sleep(0.5)
+
+
+@dataclass
+class Server:
+    url: str
+    workdir: Path  # the server's working directory and TMPDIR, empty at the start
+
+
+LAYER = "features.denseblock2"  # 4x4 maps at the tiny 32 px (the last block's are 1x1)
+
+
+def start_web(model: Path, tmp: Path) -> Iterator[Server]:
+    """`pneumonia-web --model ...` on a free loopback port, stopped when the caller is done."""
+    workdir = tmp / "server"
+    workdir.mkdir()
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "pneumonia-web"), "--model", str(model),
+               "--port", str(port), "--target-layer", LAYER]  # fmt: skip
+    env = {**os.environ, "TMPDIR": str(workdir)}
+    url = f"http://127.0.0.1:{port}"
+    process = serve(command, url, "/api/model", cwd=workdir, env=env)
+    try:
+        yield Server(url, workdir)
+        assert process.poll() is None, "the server died"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 @pytest.fixture

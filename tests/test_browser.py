@@ -27,7 +27,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 from cxr.classifier import Classifier, decide
-from tests.test_web import Server, start_web
+from tests.conftest import Server, start_web
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # Chromium as root in a container, with no network beyond loopback: no sandbox, no GPU, and

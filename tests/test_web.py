@@ -7,13 +7,10 @@ import base64
 import http.client
 import io
 import json
-import os
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,34 +20,7 @@ from PIL import Image
 from cxr.classifier import Classifier, decide
 from cxr.explain import compute_cams, resolve_target_layer
 from cxr.figures import overlay
-from tests.conftest import free_port, serve
-
-
-@dataclass
-class Server:
-    url: str
-    workdir: Path  # the server's working directory and TMPDIR, empty at the start
-
-
-LAYER = "features.denseblock2"  # 4x4 maps at the tiny 32 px (the last block's are 1x1)
-
-
-def start_web(model: Path, tmp: Path) -> Iterator[Server]:
-    """`pneumonia-web --model ...` on a free loopback port, stopped when the caller is done."""
-    workdir = tmp / "server"
-    workdir.mkdir()
-    port = free_port()
-    command = [str(Path(sys.executable).parent / "pneumonia-web"), "--model", str(model),
-               "--port", str(port), "--target-layer", LAYER]  # fmt: skip
-    env = {**os.environ, "TMPDIR": str(workdir)}
-    url = f"http://127.0.0.1:{port}"
-    process = serve(command, url, "/api/model", cwd=workdir, env=env)
-    try:
-        yield Server(url, workdir)
-        assert process.poll() is None, "the server died"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+from tests.conftest import LAYER, Server, start_web
 
 
 @pytest.fixture(scope="module")
