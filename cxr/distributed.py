@@ -45,9 +45,10 @@ class Ranks:
             dist.all_reduce(value)
         return value
 
-    def from_main(self, *values: float) -> tuple[float, ...]:
+    def from_main(self, *values: object) -> tuple:
         """Rank 0's values on every process: the validation figures that decide early stopping
-        come from rank 0, and every process must stop at the same epoch."""
+        (every process must stop at the same epoch), and the checkpoint to resume from (which
+        only rank 0's machine may hold)."""
         if not self.distributed:
             return values
         shared = list(values)

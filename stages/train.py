@@ -197,7 +197,7 @@ def train_model(
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
 
     run_fingerprint = fingerprint(params, args.processed)
-    saved = load_resumable(params, run_fingerprint)
+    (saved,) = ranks.from_main(load_resumable(params, run_fingerprint) if ranks.main else None)
     progress = restore(training, saved) if saved else new_progress()
     if not ranks.main:
         fit(training, train, val, params, numerics, loss_fn, progress, lambda _: None)
