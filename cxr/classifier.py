@@ -8,6 +8,7 @@ guard) never makes DVC retrain the network.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr.guard import Guard, forward_with_features
+from cxr.guard import Guard, forward_with_features, out_of_distribution
 from cxr.images import load_square
 from cxr.model import ModelCard, create_model, normalize
 
@@ -59,10 +60,12 @@ class Classifier:
         threshold_file: Path | None = None,
         guard_file: Path | None = None,
         with_guard: bool = True,
+        with_threshold: bool = True,
     ) -> Classifier:
         """The model file, and the decision settings and guard stored beside it unless named
         otherwise; without them it decides at 0.5 and flags nothing. Stages that do not use the
-        guard load without it, so they read no file that dvc.yaml does not declare for them."""
+        guard or that choose the threshold load without them, so they read no file that
+        dvc.yaml does not declare for them."""
         saved = torch.load(path, map_location="cpu", weights_only=True)
         card = ModelCard(**{**saved["card"], "class_names": tuple(saved["card"]["class_names"])})
         model = create_model(card.arch, "none")
@@ -70,7 +73,7 @@ class Classifier:
         model.to(device).eval()
         threshold_file = threshold_file or path.parent / THRESHOLD_FILE
         decision = {"threshold": 0.5}
-        if threshold_file.is_file():
+        if with_threshold and threshold_file.is_file():
             decision = json.loads(threshold_file.read_text())
         guard_file = guard_file or path.parent / GUARD_FILE
         guard = None
@@ -116,7 +119,7 @@ class Classifier:
         if self.guard is None:
             return Assessment(probability)
         score = torch.cat(scores).cpu().numpy()
-        return Assessment(probability, score, score > float(self.guard.threshold))
+        return Assessment(probability, score, out_of_distribution(score, self.ood_threshold))
 
     @torch.no_grad()
     def features(self, images: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:
@@ -170,12 +173,16 @@ def decide(classifier: Deciding, images: np.ndarray) -> list[Decision]:
         flagged = assessment.out_of_distribution is not None and bool(
             assessment.out_of_distribution[i]
         )
-        warning = (
-            f"not like the chest X-rays this model was trained on (input guard score {score:.3g} "
-            f"above {ood_threshold:.3g}): no diagnosis is given"
-            if flagged
-            else None
-        )
+        if score is not None and not math.isfinite(score):
+            score = None  # JSON has no NaN; the warning says what happened
+            warning = "the input guard could not score this image: no diagnosis is given"
+        elif flagged:
+            warning = (
+                f"not like the chest X-rays this model was trained on (input guard score "
+                f"{score:.3g} above {ood_threshold:.3g}): no diagnosis is given"
+            )
+        else:
+            warning = None
         decisions.append(
             Decision(
                 probability=probability,

@@ -48,8 +48,9 @@ def choose_threshold(
     `youden` takes the threshold with the largest sensitivity + specificity - 1 (J). On a nearly
     separable validation set J is flat over a wide range of thresholds, and its argmax is the
     plateau's low edge, the riskiest place to stand when the test population shifts.
-    `youden_middle` takes the middle, in logit space, of the thresholds whose J is within
-    `tolerance` of the best. `sensitivity` takes the highest threshold reaching the target.
+    `youden_middle` takes the middle, in logit space, of the unbroken run of thresholds around a
+    best one whose J is within `tolerance` of the best. `sensitivity` takes the highest
+    threshold reaching the target.
     """
     if strategy == "fixed":
         return float(fixed)
@@ -60,15 +61,34 @@ def choose_threshold(
         raise ValueError(f"threshold strategy {strategy!r} needs both classes in the labels")
     # Every distinct score is a candidate: dropped "intermediate" points could hold the optimum.
     fpr, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
-    thresholds = np.clip(thresholds, 0.0, 1.0)  # the first threshold is inf
+    # roc_curve's first threshold is inf (nothing positive); just above the top score says the
+    # same and stays a probability-like number.
+    thresholds[0] = np.nextafter(thresholds[1], np.inf)
+    j = tpr - fpr
     if strategy == "youden_middle":
-        j = tpr - fpr
-        plateau = thresholds[j >= j.max() - tolerance]
-        low, high = _logit(plateau.min()), _logit(plateau.max())
-        return float(1 / (1 + math.exp(-(low + high) / 2)))
+        return _middle_of_plateau(thresholds, j, tolerance)
     # Thresholds fall along the curve, so argmax's first hit is the highest qualifying threshold.
-    best = np.argmax(tpr - fpr if strategy == "youden" else tpr >= target_sensitivity)
+    best = np.argmax(j if strategy == "youden" else tpr >= target_sensitivity)
     return float(thresholds[best])
+
+
+def _middle_of_plateau(thresholds: np.ndarray, j: np.ndarray, tolerance: float) -> float:
+    """The logit-space middle of the widest unbroken run of thresholds whose J is within
+    `tolerance` of the best and that holds a best one.
+
+    Only an unbroken run guarantees that every threshold between its ends is near-optimal:
+    a dip between two near-optimal islands is not. `thresholds` decrease, and any t with
+    thresholds[k] >= t > thresholds[k + 1] classifies like thresholds[k], so a middle clamped
+    to the run's ends (the logit round trip can move it by an ulp) has a J of the run.
+    """
+    best = j >= j.max() - 1e-12  # J values equal in exact arithmetic may differ by an ulp
+    near = j >= j.max() - tolerance - 1e-12
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], near, [False]]).astype(int)))
+    runs = [(start, stop - 1) for start, stop in zip(edges[::2], edges[1::2], strict=True)]
+    runs = [(hi, lo) for hi, lo in runs if best[hi : lo + 1].any()]
+    high, low = max(runs, key=lambda run: _logit(thresholds[run[0]]) - _logit(thresholds[run[1]]))
+    middle = 1 / (1 + math.exp(-(_logit(thresholds[high]) + _logit(thresholds[low])) / 2))
+    return float(min(max(middle, thresholds[low]), thresholds[high]))
 
 
 def _logit(p: float, eps: float = 1e-6) -> float:

@@ -8,18 +8,22 @@ classes, fitted on the trained network's features of the training split. The fea
 spatial averages of every feature stage of the network (timm's `forward_intermediates`), not
 only the last one: early stages see what an X-ray looks like at the pixel level (grain, edges,
 exposure), where noise, text and photos differ most, and late stages see anatomy. Each stage's
-distance is divided by its median on the training split, so the stages count alike, and an
-image's score is the largest of them. The covariances are shrunk (Ledoit-Wolf, scikit-learn):
-a stage can have more channels than the training split has images. The guard stores a
-whitening matrix W per stage (precision = W Wᵀ, its Cholesky factor) and computes a distance
-as the squared length of (x - mean) W: a sum of squares, which float32 computes as accurately
-in PyTorch as in onnxruntime, where the quadratic form (x - mean)ᵀ P (x - mean) cancels
-large terms and does not.
+distance is divided by its median over held-out training images (cross-fitted: each fold
+scored by Gaussians fitted without its patients), so the stages count alike for an X-ray the
+fit has not seen, and an image's score is the largest of them. Scaling by the distances of the
+very images the Gaussians were fitted on would not: in-sample distances shrink with a stage's
+width, so the wide, deep stages would decide every real X-ray's score. The covariances are
+shrunk (Ledoit-Wolf, scikit-learn): a stage can have more channels than the training split has
+images. The guard stores a whitening matrix W per stage (precision = W Wᵀ, its Cholesky
+factor) and computes a distance as the squared length of (x - mean) W: a sum of squares, which
+float32 computes as accurately in PyTorch as in onnxruntime, where the quadratic form
+(x - mean)ᵀ P (x - mean) cancels large terms and does not.
 
 The threshold is a quantile of the scores of the validation split (in distribution, not seen
-by the fit), so by construction about 1 - quantile of real X-rays are flagged. The score runs
-in torch, in the same graph as the network, so the CLI, the MLflow model, the page and the
-ONNX file compute it identically.
+by the fit), so by construction about 1 - quantile of real X-rays are flagged. A score that is
+not a finite number (a NaN from a degenerate input) is flagged too: only a score known to be
+at or under the threshold lets an image through. The score runs in torch, in the same graph as
+the network, so the CLI, the MLflow model, the page and the ONNX file compute it identically.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
+from sklearn.model_selection import StratifiedGroupKFold
 from torch import nn
 
 from cxr.atomic import atomic_path
@@ -67,12 +72,19 @@ class Guard(nn.Module):
             distances.append(squared.min(dim=1).values)
         return torch.stack(distances)
 
+    def scaled_distances(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """(stages, N) stage distances in units of each stage's held-out median."""
+        return self.stage_distances(features) / self.scales[:, None]
+
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """The out-of-distribution score per image: the largest scaled stage distance."""
-        return (self.stage_distances(features) / self.scales[:, None]).max(dim=0).values
+        return self.scaled_distances(features).max(dim=0).values
 
     def calibrate(self, in_distribution: np.ndarray, quantile: float) -> None:
         """Set the threshold at `quantile` of in-distribution scores (the validation split)."""
+        bad = int((~np.isfinite(in_distribution)).sum())
+        if bad:
+            raise ValueError(f"{bad} validation scores are not finite: the guard cannot be set")
         self.quantile.fill_(quantile)
         self.threshold.fill_(float(np.quantile(in_distribution, quantile)))
 
@@ -105,8 +117,29 @@ class GuardedNetwork(nn.Module):
         return logits, self.guard(features)
 
 
-def fit_guard(features: list[np.ndarray], labels: np.ndarray) -> Guard:
-    """Class-conditional Gaussians with a shared, shrunk covariance per feature stage."""
+def out_of_distribution(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """The guard's verdict: flagged unless the score is a finite number at most the threshold
+    (`score > threshold` would let a NaN through)."""
+    return ~(np.isfinite(scores) & (scores <= threshold))
+
+
+def fit_guard(
+    features: list[np.ndarray], labels: np.ndarray, groups: np.ndarray, folds: int = 5
+) -> Guard:
+    """Class-conditional Gaussians with a shared, shrunk covariance per feature stage, each
+    stage scaled by its median distance over held-out folds of patients (`groups`)."""
+    guard = _gaussians(features, labels)
+    held_out = np.empty((len(features), len(labels)))
+    splitter = StratifiedGroupKFold(min(folds, len(np.unique(groups))))
+    for fit, out in splitter.split(features[0], labels, groups):
+        fold = _gaussians([stage[fit] for stage in features], labels[fit])
+        with torch.no_grad():
+            held_out[:, out] = fold.stage_distances([torch.from_numpy(f[out]) for f in features])
+    guard.scales.copy_(torch.from_numpy(np.median(held_out, axis=1)))
+    return guard
+
+
+def _gaussians(features: list[np.ndarray], labels: np.ndarray) -> Guard:
     classes = np.unique(labels)
     means, whitening = [], []
     for stage in features:
@@ -116,8 +149,4 @@ def fit_guard(features: list[np.ndarray], labels: np.ndarray) -> Guard:
         means.append(torch.from_numpy(class_means))
         precision = LedoitWolf(assume_centered=True).fit(centered).precision_
         whitening.append(torch.from_numpy(np.linalg.cholesky(precision)))
-    guard = Guard(means, whitening)
-    with torch.no_grad():
-        distances = guard.stage_distances([torch.from_numpy(f) for f in features])
-    guard.scales.copy_(torch.from_numpy(np.median(distances.numpy(), axis=1)))
-    return guard.eval()
+    return Guard(means, whitening).eval()

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 
 from cxr.classifier import Assessment, Classifier
-from cxr.guard import GuardedNetwork
+from cxr.guard import GuardedNetwork, out_of_distribution
 from cxr.images import load_square
 from cxr.model import ModelCard
 
@@ -96,7 +96,7 @@ class OnnxClassifier:
             scores.append(score)
         score = np.concatenate(scores)
         probability = 1 / (1 + np.exp(-np.concatenate(logits)))
-        return Assessment(probability, score, score > self.ood_threshold)
+        return Assessment(probability, score, out_of_distribution(score, self.ood_threshold))
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Pneumonia probability per uint8 image."""

@@ -10,8 +10,9 @@ threshold.json and guard.pt, not a pickled training object, so it loads wherever
 package's `cxr` code and its pinned libraries do.
 
 Over `mlflow models serve`, the `image` column holds base64 text in JSON (the signature declares
-it binary, so MLflow's server decodes it); one unreadable image gets an `error` in its own row
-and the rest of the batch is still answered.
+it binary, so MLflow's server decodes it); one unreadable image, or one over the pixel limit
+(`cxr.images.MAX_PIXELS`, refused from its header before it is decoded), gets an `error` in its
+own row and the rest of the batch is still answered.
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def describe(classifier: Classifier, report: dict, strategy: str) -> str:
         f"threshold {classifier.threshold:.4f} chosen on validation ({strategy}{tta}).\n"
         f"Official test set, {test['n']} images from {test['patients']} patients, 95% intervals "
         f"resampling patients: {figure('roc_auc')}, {figure('accuracy')}, "
-        f"{figure('sensitivity')}, {figure('specificity')}.\n"
+        f"{figure('sensitivity')}, {figure('specificity')}; the input guard refuses "
+        f"{test['refused']:.1%} of them ({test['refused_n']}).\n"
         f"Input: encoded JPEG/PNG files (column `{IMAGE_COLUMN}`, base64 in JSON); output per "
         "image: probability of PNEUMONIA, label, threshold, the input guard's score, threshold "
         "and verdict (in_distribution; a flagged image gets a warning and no label), error."

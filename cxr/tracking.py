@@ -15,6 +15,7 @@ params are modelled.
 from __future__ import annotations
 
 import os
+import posixpath
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -103,16 +104,83 @@ def start_stage_run(
 
 
 def run_tags() -> dict[str, str]:
-    """DVC experiment, git state and data hashes, so a run can be traced back to its inputs."""
+    """DVC experiment, git state and data hashes, so a run can be traced back to its inputs.
+
+    `git.dirty` says whether the code and params that ran differ from `git.commit`: tracked
+    files other than the pipeline's own outputs (see `changed_sources`) differ from HEAD, and
+    `git.changed` names them. Under `dvc exp run -S`, DVC writes the set values into
+    params.yaml first, so such a run is dirty (`git.changed` params.yaml) and `dvc.exp_name`
+    names the experiment whose commit holds exactly what ran. Outside a git repository, or
+    before its first commit, there is no commit to compare with and no git tags at all.
+    """
     tags = {
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
         "dvc.stage": os.environ.get("DVC_STAGE", ""),
-        "git.commit": _git("rev-parse", "HEAD"),
-        "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))),
     }
+    commit = _git("rev-parse", "--verify", "HEAD")
+    changed = changed_sources() if commit else None
+    if commit and changed is not None:
+        tags["git.commit"] = commit
+        tags["git.dirty"] = str(bool(changed))
+        tags["git.changed"] = _listing(changed)
     tags.update(data_hashes())
     return {k: v for k, v in tags.items() if v}
+
+
+def changed_sources(pipeline_file: Path = Path("dvc.yaml")) -> list[str] | None:
+    """Tracked files under the project folder that differ from HEAD, less what the pipeline
+    writes itself; None if git cannot tell.
+
+    The outputs declared in dvc.yaml that git tracks (metrics, plots and models/threshold.json
+    are `cache: false`) and dvc.lock are rewritten by every `dvc repro`, before evaluate
+    registers its model: counting them would call every run dirty. Untracked files do not count
+    (a new module is tracked once it is added). Paths are relative to the folder the stage runs
+    in, the one holding dvc.yaml, as `git diff --relative` gives them.
+    """
+    listed = _git("diff", "HEAD", "--name-only", "--no-renames", "--relative", "-z")
+    if listed is None:
+        return None
+    written = pipeline_outputs(pipeline_file) | {"dvc.lock"}
+    return [
+        path
+        for path in listed.split("\0")
+        if path and not any(path == out or path.startswith(f"{out}/") for out in written)
+    ]
+
+
+def pipeline_outputs(pipeline_file: Path = Path("dvc.yaml")) -> set[str]:
+    """Every path dvc.yaml declares as written by the pipeline: each stage's outs, metrics and
+    plots (a folder stands for everything under it), and the top-level metrics and plots."""
+    if not pipeline_file.is_file():
+        return set()
+    pipeline = yaml.safe_load(pipeline_file.read_text()) or {}
+    found = set(_paths(pipeline.get("metrics", [])))
+    for entry in pipeline.get("plots", []):
+        if isinstance(entry, dict):  # {id: config}: the id, or the files its x and y name
+            for plot_id, config in entry.items():
+                found.add(plot_id)
+                for axis in ("x", "y"):
+                    value = (config or {}).get(axis)
+                    found.update(value if isinstance(value, dict) else [])
+        else:
+            found.add(entry)
+    for stage in (pipeline.get("stages") or {}).values():
+        wdir = stage.get("wdir", ".")
+        for kind in ("outs", "metrics", "plots"):
+            found.update(posixpath.join(wdir, path) for path in _paths(stage.get(kind, [])))
+    return {posixpath.normpath(path) for path in found}
+
+
+def _paths(entries: list) -> list[str]:
+    """Paths of dvc.yaml output entries: `path` or `{path: {options}}`."""
+    return [p for entry in entries for p in (entry if isinstance(entry, dict) else [entry])]
+
+
+def _listing(paths: list[str], limit: int = 1000) -> str:
+    """Comma-separated paths, cut short to stay well within MLflow's tag value limit."""
+    text = ", ".join(paths)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(paths)} files)"
 
 
 def data_hashes(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
@@ -173,9 +241,10 @@ def _training_run(client: mlflow.MlflowClient, run_id: str) -> Run | None:
     return run if run.info.lifecycle_stage == LifecycleStage.ACTIVE else None
 
 
-def _git(*args: str) -> str:
+def _git(*args: str) -> str | None:
+    """git's output in the current folder, stripped; None if git is missing or fails."""
     try:
         result = subprocess.run(["git", *args], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
-        return ""
+        return None
     return result.stdout.strip()

@@ -9,8 +9,11 @@ flagged image), and the server is the same ASGI stack `mlflow models serve` runs
 
 An upload is the raw request body (`curl --data-binary @xray.jpeg`), read in memory up to
 `--max-mb` and never written to disk (a multipart form would be spooled to a temporary file).
-Requests are served concurrently; the model itself runs one request at a time under a lock,
-since Grad-CAM hooks the network's layers while it computes a map.
+What it decodes to is bounded too (`cxr.images`): an image over `MAX_PIXELS` gets a 413 naming
+its size and the limit before any pixel is decoded, and at most `MAX_CONCURRENT_DECODES`
+uploads are decoded at once. Requests are served concurrently; the model itself runs one
+request at a time under a lock, since Grad-CAM hooks the network's layers while it computes a
+map.
 """
 
 from __future__ import annotations
@@ -34,10 +37,13 @@ from starlette.concurrency import run_in_threadpool
 from cxr.classifier import Classifier, decide
 from cxr.explain import CAM_METHODS, compute_cams, resolve_target_layer
 from cxr.figures import overlay
-from cxr.images import ImageDecodeError
+from cxr.images import ImageDecodeError, ImageTooLargeError
 from cxr.tracking import tracking_uri
 
 MEGABYTE = 1024 * 1024
+# How much of an upload past the limit is read and dropped so that its sender gets the 413
+# rather than a reset connection (`read_upload`); reading it costs time, not memory.
+DRAIN_BYTES = 256 * MEGABYTE
 PAGE = Path(__file__).with_name("web_page.html").read_text()
 
 
@@ -48,19 +54,38 @@ def png_base64(image: np.ndarray) -> str:
 
 
 async def read_upload(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `max_bytes` (a declared
-    Content-Length is checked before anything is read)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        size, limit = int(declared) / MEGABYTE, max_bytes / MEGABYTE
-        raise HTTPException(413, f"file too large: {size:.1f} MB, the limit is {limit:.0f} MB")
-    body = bytearray()
+    """The request body, refused with 413 once it passes `max_bytes`, holding no more than
+    that in memory.
+
+    A client that declares its size and waits for `100 Continue` is refused before it sends
+    anything. Any other one is already sending the whole body: answering and closing while it
+    still arrives makes the kernel reset the connection, and a client busy writing (urllib,
+    whose uploads say `Connection: close`) then never reads the answer. So the rest is read and
+    dropped first, up to `DRAIN_BYTES` past the limit; a larger body still gets a reset.
+    """
+    declared = request.headers.get("content-length", "")
+    size = int(declared) if declared.isdigit() else None
+    limit = max_bytes / MEGABYTE
+    too_large = HTTPException(
+        413,
+        f"file too large: over the {limit:.0f} MB limit"
+        if size is None
+        else f"file too large: {size / MEGABYTE:.1f} MB, the limit is {limit:.0f} MB",
+    )
+    waits = request.headers.get("expect", "").lower() == "100-continue"
+    if size is not None and size > max_bytes and (waits or size > max_bytes + DRAIN_BYTES):
+        raise too_large
+    body, received = bytearray(), 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise HTTPException(
-                413, f"file too large: over the {max_bytes / MEGABYTE:.0f} MB limit"
-            )
+        received += len(chunk)
+        if received <= max_bytes:
+            body += chunk
+        elif received > max_bytes + DRAIN_BYTES:
+            break
+        else:
+            body.clear()
+    if received > max_bytes:
+        raise too_large
     return bytes(body)
 
 
@@ -86,6 +111,8 @@ def create_app(
         buffer.name = name  # what a decoding error quotes
         try:
             pixels = classifier.load_image(buffer)[np.newaxis]
+        except ImageTooLargeError as err:
+            raise HTTPException(413, str(err)) from None
         except ImageDecodeError as err:
             raise HTTPException(422, f"{err} (a JPEG or PNG image is expected)") from None
         with lock:

@@ -1,8 +1,12 @@
 """Score the trained model on validation and the official test set.
 
-The decision threshold is chosen on validation only and then applied unchanged to test; it is
-stored beside the model (models/threshold.json) for inference. Intervals resample patients,
-not images (see `bootstrap_intervals`).
+The decision threshold is chosen on validation only (all its images) and then applied unchanged
+to test; it is stored beside the model (models/threshold.json) for inference. Intervals resample
+patients, not images (see `bootstrap_intervals`).
+
+The deployed model diagnoses only what its input guard lets through, so each split is reported
+twice: over all images (`test`), as a bare network would be judged, and over the images the
+guard accepts (`test_accepted`), with the share it refuses (`test.refused`) beside them.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import pandas as pd
 
 from cxr import serving, tracking
 from cxr.atomic import write_csv, write_json
-from cxr.classifier import Classifier
+from cxr.classifier import Assessment, Classifier
 from cxr.dataset import CLASSES
 from cxr.device import pick_device, use_cpu_threads
 from cxr.evaluation import (
@@ -31,10 +35,16 @@ from cxr.stage import paths, require, run
 
 
 def split_metrics(
-    data: ProcessedSplit, probs: np.ndarray, threshold: float, settings: EvaluateParams, seed: int
+    labels: np.ndarray,
+    patients: pd.Series,
+    probs: np.ndarray,
+    threshold: float,
+    settings: EvaluateParams,
+    seed: int,
 ) -> dict:
     """Point metrics plus flat 95% bootstrap bounds (`roc_auc_ci_low`), easy to read in a diff."""
-    labels, patients = data.labels, data.index["patient_id"]
+    if labels.size == 0:  # the guard refused every image
+        return {"n": 0}
     metrics = classification_metrics(labels, probs, threshold, settings.calibration_bins)
     metrics["patients"] = int(patients.nunique())
     intervals = bootstrap_intervals(labels, probs, patients, threshold, settings.bootstrap, seed)
@@ -59,7 +69,10 @@ def save_plot_data(
     return save_figures(folder / "figures", split, tables, metrics, probs, threshold, bins)
 
 
-def predictions_table(split: str, data: ProcessedSplit, probs: np.ndarray, threshold: float):
+def predictions_table(
+    split: str, data: ProcessedSplit, assessment: Assessment, threshold: float
+) -> pd.DataFrame:
+    probs = assessment.probability
     return pd.DataFrame(
         {
             "path": data.index["path"],
@@ -67,6 +80,8 @@ def predictions_table(split: str, data: ProcessedSplit, probs: np.ndarray, thres
             "label": data.index["label"],
             "probability": probs.round(6),
             "predicted": np.where(probs >= threshold, CLASSES[1], CLASSES[0]),
+            "ood_score": assessment.ood_score,
+            "refused": assessment.out_of_distribution,
         }
     )
 
@@ -82,10 +97,13 @@ def main(argv: list[str] | None = None) -> None:
     settings = params.evaluate
     require(args.model, args.guard, args.processed)
     device = str(pick_device(params.runtime.device))
-    classifier = Classifier.load(args.model, device=device, with_guard=False)
+    classifier = Classifier.load(
+        args.model, device=device, guard_file=args.guard, with_threshold=False
+    )
     classifier.flip_tta = settings.flip_tta  # the threshold is chosen below, with this setting
     splits = {name: load_split(name, args.processed) for name in ("val", "test")}
-    probs = {name: classifier.predict_proba(np.asarray(s.images)) for name, s in splits.items()}
+    assessed = {name: classifier.assess(np.asarray(s.images)) for name, s in splits.items()}
+    probs = {name: a.probability for name, a in assessed.items()}
 
     threshold = choose_threshold(
         splits["val"].labels,
@@ -95,10 +113,24 @@ def main(argv: list[str] | None = None) -> None:
         settings.target_sensitivity,
         settings.youden_tolerance,
     )
+    classifier.threshold = threshold
     report: dict = {"threshold": round(threshold, 6)}
     figures, predictions = [], []
     for name, data in splits.items():
-        report[name] = split_metrics(data, probs[name], threshold, settings, params.seed)
+        labels, patients = data.labels, data.index["patient_id"]
+        report[name] = split_metrics(
+            labels, patients, probs[name], threshold, settings, params.seed
+        )
+        refused = assessed[name].out_of_distribution
+        report[name] |= {
+            "refused": round(float(refused.mean()), 6),
+            "refused_n": int(refused.sum()),
+        }
+        accepted = ~refused
+        report[f"{name}_accepted"] = split_metrics(
+            labels[accepted], patients[accepted], probs[name][accepted], threshold, settings,
+            params.seed,
+        )  # fmt: skip
         figures += save_plot_data(
             args.plots,
             name,
@@ -108,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             report[name],
             settings.calibration_bins,
         )
-        predictions.append(predictions_table(name, data, probs[name], threshold))
+        predictions.append(predictions_table(name, data, assessed[name], threshold))
 
     write_json(args.metrics, report)
     write_json(
@@ -132,8 +164,9 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.set_tag("evaluate.flip_tta", settings.flip_tta)
         flat = {
             f"{split}_{k}": v
-            for split in splits
-            for k, v in report[split].items()
+            for split, metrics in report.items()
+            if isinstance(metrics, dict)
+            for k, v in metrics.items()
             if isinstance(v, (int, float))
         }
         mlflow.log_metrics({"threshold": threshold, **flat})
@@ -151,13 +184,18 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     for name in splits:
-        m = report[name]
-        print(
-            f"{name:>4}: AUC {m['roc_auc']} [{m.get('roc_auc_ci_low')}, {m.get('roc_auc_ci_high')}]"
-            f"  accuracy {m['accuracy']}  sensitivity {m['sensitivity']}"
-            f"  specificity {m['specificity']}  F1 {m['f1']}  ({m['n']} images,"
-            f" {m['patients']} patients)"
-        )
+        for key, what in ((name, "all images"), (f"{name}_accepted", "accepted by the guard")):
+            m = report[key]
+            if not m["n"]:
+                print(f"{key:>13}: the guard refused every image")
+                continue
+            print(
+                f"{key:>13}: AUC {m['roc_auc']} [{m.get('roc_auc_ci_low')},"
+                f" {m.get('roc_auc_ci_high')}]  accuracy {m['accuracy']}  sensitivity"
+                f" {m['sensitivity']}  specificity {m['specificity']}  F1 {m['f1']}"
+                f"  ({m['n']} images, {m['patients']} patients, {what})"
+            )
+        print(f"{'':>13}  the guard refuses {report[name]['refused']:.1%} of {name} images")
     print(f"threshold {threshold:.4f} ({settings.threshold}, chosen on validation)")
     print(f"registered models:/{version.name}@{serving.CANDIDATE} (version {version.version})")
 

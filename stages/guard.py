@@ -1,10 +1,11 @@
 """Fit the input guard on the training split and measure it on real and non-X-ray images.
 
-Fitted on the training split's features, its threshold set at guard.quantile of the validation
-split's scores; nothing here reads a label or a score of the test split to make a choice. The
-official test split then says how many real X-rays the guard would refuse, and the offline
-out-of-distribution set (cxr/ood_set.py; its X-ray kinds transform test images drawn from
-both classes) how well it separates them from what it should refuse.
+Fitted on the training split's features (each stage's scale from held-out folds of its
+patients), its threshold set at guard.quantile of the validation split's scores; nothing here
+reads a label or a score of the test split to make a choice. The official test split then says
+how many real X-rays the guard would refuse, and the offline out-of-distribution set
+(cxr/ood_set.py; its X-ray kinds transform test images drawn from both classes) how well it
+separates them from what it should refuse.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import io
 import mlflow
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.metrics import roc_auc_score
 
 from cxr import tracking
@@ -23,7 +25,7 @@ from cxr.dataset import CLASSES
 from cxr.device import use_cpu_threads
 from cxr.explain import scoring_sample
 from cxr.figures import save_guard_figures
-from cxr.guard import fit_guard
+from cxr.guard import fit_guard, out_of_distribution
 from cxr.ood_set import ood_images
 from cxr.params import load_params
 from cxr.processed import load_split
@@ -53,8 +55,15 @@ def main(argv: list[str] | None = None) -> None:
     classifier = Classifier.load(args.model, with_guard=False)
     train, val, test = (load_split(split, args.processed) for split in ("train", "val", "test"))
 
-    classifier.guard = fit_guard(classifier.features(train.images), train.labels)
-    classifier.guard.calibrate(classifier.assess(val.images).ood_score, settings.quantile)
+    classifier.guard = fit_guard(
+        classifier.features(train.images), train.labels, train.index["patient_id"].to_numpy()
+    )
+    guard = classifier.guard
+    with torch.no_grad():
+        val_features = [torch.from_numpy(f) for f in classifier.features(val.images)]
+        scaled = guard.scaled_distances(val_features).numpy()
+    guard.calibrate(scaled.max(axis=0), settings.quantile)
+    decided_by = np.bincount(scaled.argmax(axis=0), minlength=guard.stages) / scaled.shape[1]
 
     test_images = np.asarray(test.images)
     sample = test_images[scoring_sample(test.labels, settings.ood_images, params.seed)]
@@ -66,13 +75,20 @@ def main(argv: list[str] | None = None) -> None:
             "score": classifier.assess(np.concatenate([test_images, decoded])).ood_score,
         }
     )
-    scores["flagged"] = scores["score"] > float(classifier.guard.threshold)
+    scores["flagged"] = out_of_distribution(scores["score"].to_numpy(), classifier.ood_threshold)
     real = scores["kind"] == IN_DISTRIBUTION
     report = {
         "threshold": float(classifier.guard.threshold),
         "quantile": settings.quantile,
         "test_flagged": float(scores.loc[real, "flagged"].mean()),
         "test_images": int(real.sum()),
+        # ~1 for every stage when the scales hold for unseen X-rays, so that each can decide
+        "val_stage_median": {
+            f"stage{i}": round(float(m), 4) for i, m in enumerate(np.median(scaled, axis=1))
+        },
+        "val_decided_by": {
+            f"stage{i}": round(float(share), 4) for i, share in enumerate(decided_by)
+        },
         "ood": separation(scores),
         "by_kind": {kind: separation(scores, kind) for kind in scores.loc[~real, "kind"].unique()},
     }

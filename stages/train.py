@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import pickle
 import time
 from pathlib import Path
 
@@ -65,9 +66,22 @@ def fingerprint(params: Params, processed: Path) -> str:
 
 
 def load_resumable(params: Params, fingerprint_now: str) -> dict | None:
+    """The checkpoint an interrupted run of these inputs left, if resuming is on.
+
+    A checkpoint holds tensors and plain data only (`cxr.training.checkpoint`), so it is loaded
+    with `weights_only`: a file holding anything else, which unpickling would run as code, is
+    refused instead of executed.
+    """
     if not (params.runtime.resume and CHECKPOINT.is_file()):
         return None
-    saved = torch.load(CHECKPOINT, map_location="cpu", weights_only=False)
+    try:
+        saved = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise StageError(
+            f"{CHECKPOINT} holds more than tensors and plain data ({reason}): not loaded; "
+            "delete it to train afresh"
+        ) from None
     if saved.get("fingerprint") != fingerprint_now:
         print(f"{CHECKPOINT} comes from other params or data: starting afresh")
         return None

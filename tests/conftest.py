@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,12 +88,59 @@ def tool_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def sh(cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
-    """Run a command, failing the test with its output if it fails."""
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result.stdout + result.stderr
+# A bound on any one command in a test: a whole tiny `dvc repro` takes a few minutes on two
+# cores. pytest-timeout (pyproject.toml) bounds each test as a whole as well.
+SH_TIMEOUT_S = 1200
+
+
+def sh(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = SH_TIMEOUT_S
+) -> str:
+    """Run a command, failing the test with its output if it fails or runs past `timeout` s.
+
+    Its output goes to files, not pipes. `dvc queue start` forks a process per queue worker
+    that keeps the command's stdout and stderr open for as long as the worker lives, and a
+    worker can outlive its queue (README, Scaling): reading a pipe waits until every holder
+    closes it, which can be never, while a file is read once the command itself has exited.
+    The command runs in a session of its own, so an overrun kills it with its children.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(
+            args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            returncode = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:  # after an overrun, or pytest-timeout or Ctrl-C ending the test meanwhile
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        output = {}
+        for name, file in (("stdout", out), ("stderr", err)):
+            file.seek(0)
+            output[name] = file.read().decode(errors="replace")
+    if returncode is None:
+        pytest.fail(
+            f"{' '.join(args)} ran past {timeout:g} s:\n{output['stdout']}\n{output['stderr']}"
+        )
+    if returncode != 0:
+        pytest.fail(f"{' '.join(args)} failed:\n{output['stdout']}\n{output['stderr']}")
+    return output["stdout"] + output["stderr"]
+
+
+def request_json(
+    url: str, body: bytes | Iterator[bytes], headers: dict[str, str]
+) -> tuple[int, dict]:
+    """POST and read the JSON answer, an error status's included: (status, answer)."""
+    request = urllib.request.Request(url, body, headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
 
 
 def free_port() -> int:

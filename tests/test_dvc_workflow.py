@@ -1,12 +1,14 @@
 """The review workflow end to end, as a user types it: repro, exp run -S, metrics/plots diff,
 a DVC remote shared by two clones, queued experiments logging to a tracking server."""
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +38,33 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
 def dvc(repo: tuple[Path, dict[str, str]], *args: str) -> str:
     folder, env = repo
     return sh(folder, sys.executable, "-m", "dvc", *args, env=env)
+
+
+def test_a_command_returns_when_it_exits_though_a_process_it_started_keeps_its_output(
+    tmp_path: Path,
+):
+    """As `dvc queue start` does: its worker's parent process keeps the command's stdout."""
+    started = time.monotonic()
+    try:
+        out = sh(tmp_path, "bash", "-c", "sleep 120 & echo $! > daemon.pid; echo started")
+        assert "started" in out
+        assert time.monotonic() - started < 60
+    finally:
+        os.kill(int((tmp_path / "daemon.pid").read_text()), signal.SIGKILL)
+
+
+def test_a_command_past_its_time_fails_the_test_and_is_killed(tmp_path: Path):
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="ran past 2 s"):
+        sh(tmp_path, "bash", "-c", "echo $$ > shell.pid; sleep 120", timeout=2)
+    assert time.monotonic() - started < 60
+    with pytest.raises(ProcessLookupError):
+        os.kill(int((tmp_path / "shell.pid").read_text()), 0)
+
+
+def test_every_test_runs_under_a_time_limit(pytestconfig: pytest.Config):
+    assert pytestconfig.pluginmanager.hasplugin("timeout")
+    assert float(pytestconfig.getini("timeout")) >= 1200  # the slowest test passes within it
 
 
 def test_repro_runs_every_stage_then_nothing(repo):
@@ -166,6 +195,8 @@ def test_exp_run_with_set_param_reaches_the_optimizer_as_a_float(repo):
     version = client.get_model_version_by_alias("chest-xray-pneumonia", "candidate")
     assert version.tags["dvc.exp_name"] == "small-lr"
     assert version.tags["git.commit"] == sh(repo[0], "git", "rev-parse", "HEAD").strip()
+    # -S wrote lr into params.yaml: not the commit's tree, and the tags say what differs.
+    assert (version.tags["git.dirty"], version.tags["git.changed"]) == ("True", "params.yaml")
 
 
 def test_exp_show_and_metrics_diff_show_the_change(repo):
@@ -210,6 +241,54 @@ def _wait_for_queue(repo: tuple[Path, dict[str, str]], timeout_s: float) -> str:
     pytest.fail(f"the queue did not finish in {timeout_s} s:\n{status}")
 
 
+def _queue_workers(project: Path) -> list[int]:
+    """Live `dvc exp queue-worker` processes of `project`'s queue.
+
+    DVC records each worker it starts in .dvc/tmp/exps/celery/dvc-exp-worker-<k>.json; a
+    worker runs in the project folder, which finds it without a record too. Linux's /proc says
+    which are alive and still queue workers (a pid can be reused).
+    """
+    pids = set()
+    for record in (project / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            pids.add(int(json.loads(record.read_text())["pid"]))
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if Path(os.readlink(entry / "cwd")) == project:
+                pids.add(int(entry.name))
+    alive = []
+    for pid in sorted(pids):
+        with contextlib.suppress(OSError):  # gone, or a zombie (no command line)
+            if b"queue-worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                alive.append(pid)
+    return alive
+
+
+def _stop_queue_workers(repo: tuple[Path, dict[str, str]], grace_s: float = 120) -> list[int]:
+    """Stop the queue's workers once it is done; return those that had to be killed.
+
+    A worker normally exits when the queue is empty, but with several workers one can stay,
+    idle, for ever: its monitor thread dies on a JSONDecodeError from kombu's filesystem
+    transport (treeverse/dvc#10398, #10428; dvc-task#73). `dvc queue stop` asks every worker
+    to shut down; whatever is still alive after `grace_s` is terminated, then killed.
+    """
+    folder, _ = repo
+    with contextlib.suppress(pytest.fail.Exception):  # killed below all the same
+        dvc(repo, "queue", "stop")
+    deadline = time.monotonic() + grace_s
+    while _queue_workers(folder) and time.monotonic() < deadline:
+        time.sleep(2)
+    lingered = _queue_workers(folder)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _queue_workers(folder):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 30
+        while _queue_workers(folder) and time.monotonic() < deadline:
+            time.sleep(1)
+    return lingered
+
+
 @pytest.fixture
 def tracking_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """`mlflow server` as the README starts it for a team, on a free loopback port: runs in a
@@ -252,8 +331,18 @@ def test_queued_experiments_log_to_a_tracking_server_two_at_a_time_from_a_fresh_
     sh(clone, "git", "commit", "-qam", "local source, relative path", env=env)
     for setting in ("lr=0.002", "lr=0.003", "seed=1"):
         dvc(queue, "exp", "run", "--queue", "-S", setting)
-    dvc(queue, "queue", "start", "-j", "2")
-    status = _wait_for_queue(queue, timeout_s=900)
+    try:
+        dvc(queue, "queue", "start", "-j", "2")
+        status = _wait_for_queue(queue, timeout_s=900)
+    finally:
+        lingered = _stop_queue_workers(queue)
+    assert not _queue_workers(clone)
+    if lingered:  # the upstream race, not this project's bug: noted, not failed
+        warnings.warn(
+            f"dvc queue workers {lingered} outlived their queue and `dvc queue stop`; killed "
+            "(treeverse/dvc#10398)",
+            stacklevel=1,
+        )
     assert status.count("Success") == 3, status
     assert "Failed" not in status
 
@@ -273,6 +362,9 @@ def test_queued_experiments_log_to_a_tracking_server_two_at_a_time_from_a_fresh_
     assert trained <= {m.source_run_id for m in logged}
     versions = client.search_model_versions("name = 'chest-xray-pneumonia'")
     assert len(versions) == 3
+    assert {(v.tags["git.dirty"], v.tags["git.changed"]) for v in versions} == {
+        ("True", "params.yaml")
+    }
     assert len(list((store / "artifacts").rglob("MLmodel"))) == len(logged) >= 6
     assert all(run.info.artifact_uri.startswith("mlflow-artifacts:/") for run in runs)
     assert "mlruns" not in sh(clone, "git", "status", "--porcelain", env=env)

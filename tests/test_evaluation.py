@@ -212,13 +212,47 @@ def test_youden_middle_takes_the_middle_of_the_plateau_in_logit_space() -> None:
     assert _youden_j(labels, probs, middle) == 1.0
 
 
+def test_youden_middle_keeps_a_one_point_optimum_through_the_logit_round_trip() -> None:
+    # The one positive scores 0.87, above every negative but 0.85: J = 1 at 0.87 alone.
+    labels = np.array([0, 1, 0, 0, 0, 0, 0])
+    probs = np.array([0.62, 0.87, 0.35, 0.85, 0.38, 0.71, 0.11])
+    chosen = choose_threshold(labels, probs, "youden_middle", 0.5, 0.9, 0.0)
+    assert _youden_j(labels, probs, chosen) == 1.0
+
+
+def test_youden_middle_stays_in_the_unbroken_run_around_the_best() -> None:
+    # J = 1/3 at 0.9 and at 0.5 but less at the scores between: two islands, not one plateau.
+    labels = np.array([1, 0, 0, 1, 1, 0])
+    probs = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    js = [_youden_j(labels, probs, t) for t in probs]
+    assert js[0] == pytest.approx(js[4]) and max(js[1:4]) < js[0] - 0.3  # the constructed dip
+    chosen = choose_threshold(labels, probs, "youden_middle", 0.5, 0.9, 0.01)
+    assert _youden_j(labels, probs, chosen) == pytest.approx(max(js))
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.02, 0.1, 0.3])
+def test_youden_middle_is_near_optimal_on_many_small_validation_sets(tolerance: float) -> None:
+    """Property: whatever the scores (ties, few images, one class rare), the chosen threshold's
+    J under the project's own `probs >= threshold` is within the tolerance of the best J."""
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        n = int(rng.integers(2, 30))
+        labels = rng.integers(0, 2, n)
+        labels[:2] = [0, 1]  # both classes
+        probs = rng.random(n).round(int(rng.integers(1, 4)))  # coarse scores make ties
+        probs = np.clip(probs + 0.3 * labels * rng.random(), 0, 1)
+        best = max(_youden_j(labels, probs, t) for t in [*probs, np.inf])
+        chosen = choose_threshold(labels, probs, "youden_middle", 0.5, 0.9, tolerance)
+        assert _youden_j(labels, probs, chosen) >= best - tolerance - 1e-12, (labels, probs)
+
+
 @pytest.mark.parametrize(
     ("strategy", "expected"),
     [
         ("fixed", 0.5),
         # Every finite threshold has J < 0, so the best is to call nothing positive: roc_curve's
-        # infinite first threshold, reported as 1.0.
-        ("youden", 1.0),
+        # infinite first threshold, reported as the next number above the top score.
+        ("youden", np.nextafter(0.9, 1)),
         ("sensitivity", 0.2),  # only the lowest score catches both positives
     ],
 )

@@ -24,6 +24,9 @@ def exported(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("exported")
     folder = tmp / "project"
     shutil.copytree(trained, folder)
+    # with flip TTA, so the ONNX side's mirrored pass is exercised and compared too
+    set_params(folder, {"evaluate": {"flip_tta": True}})
+    run_stage(folder, "evaluate", env=tool_env(tmp))
     out = run_stage(folder, "export", env=tool_env(tmp))
     assert "models/model.onnx: opset 18" in out
     return folder
@@ -43,6 +46,7 @@ def test_onnx_logits_equal_pytorch_on_the_test_split(exported: Path):
     torch_model = Classifier.load(exported / "models/model.pt")
     assert onnx_model.card == torch_model.card  # the card and threshold travel in the file
     assert onnx_model.threshold == torch_model.threshold
+    assert onnx_model.flip_tta is torch_model.flip_tta is True
     assert onnx_model.ood_threshold == torch_model.ood_threshold  # the guard is in the graph
     noise = np.random.default_rng(0).integers(0, 256, test_images[:1].shape, dtype=np.uint8)
     for batch in (test_images[:1], np.concatenate([test_images[:4], noise])):  # dynamic batch
@@ -50,6 +54,9 @@ def test_onnx_logits_equal_pytorch_on_the_test_split(exported: Path):
         np.testing.assert_allclose(onnx_answer.probability, torch_answer.probability, atol=1e-5)
         np.testing.assert_allclose(onnx_answer.ood_score, torch_answer.ood_score, rtol=1e-4)
     assert onnx_answer.out_of_distribution[-1] and torch_answer.out_of_distribution[-1]
+    onnx_model.flip_tta = False  # the mirrored pass is not a no-op on these images
+    unflipped = onnx_model.assess(test_images[:4]).probability
+    assert np.abs(unflipped - torch_model.assess(test_images[:4]).probability).max() > 1e-4
 
 
 def test_cli_onnx_backend_gives_the_same_answers(exported: Path, capsys: pytest.CaptureFixture):

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from cxr import training
 from cxr.classifier import Classifier, decide
@@ -85,6 +86,30 @@ def test_evaluate_outputs(trained: Path):
     assert (test["predicted"] == np.where(positive, "PNEUMONIA", "NORMAL")).all()
 
 
+def test_evaluate_reports_what_the_deployed_model_does(trained: Path):
+    """The share of test X-rays the guard refuses, and the metrics on the ones it accepts, as
+    the deployed classifier (network, threshold and guard from models/) computes them."""
+    report = json.loads((trained / "metrics/evaluate.json").read_text())
+    classifier = Classifier.load(trained / "models/model.pt")
+    test = load_split("test", trained / "data/processed")
+    deployed = classifier.assess(np.asarray(test.images))
+    refused = deployed.out_of_distribution
+    assert refused.any() and not refused.all()  # the tiny model's guard refuses a few
+    assert report["test"]["refused"] == pytest.approx(refused.mean(), abs=1e-6)
+    assert report["test"]["refused_n"] == refused.sum()
+    accepted = report["test_accepted"]
+    assert accepted["n"] == report["test"]["n"] - refused.sum()
+    labels, probs = test.labels[~refused], deployed.probability[~refused]
+    assert accepted["roc_auc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-5)
+    predicted = probs >= classifier.threshold
+    assert accepted["accuracy"] == pytest.approx((predicted == labels).mean(), abs=1e-5)
+    assert accepted["patients"] == test.index["patient_id"][~refused].nunique()
+    assert accepted["roc_auc_ci_low"] <= accepted["roc_auc"] <= accepted["roc_auc_ci_high"]
+    assert report["val_accepted"]["n"] == report["val"]["n"] - report["val"]["refused_n"]
+    predictions = pd.read_csv(trained / "data/predictions.csv").query("split == 'test'")
+    assert predictions["refused"].tolist() == refused.tolist()
+
+
 def test_gradcam_outputs_and_maps(trained: Path):
     report = json.loads((trained / "metrics/gradcam.json").read_text())
     assert report["target_layer"] == "features.denseblock3"
@@ -153,7 +178,7 @@ def test_interrupted_training_resumes_to_the_same_model(
     monkeypatch.setattr(training, "validate", validate_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train.main(stage_argv(folder, "train"))
-    saved = torch.load("checkpoints/train.pt", weights_only=False)
+    saved = torch.load("checkpoints/train.pt", weights_only=True)  # tensors and plain data
     assert saved["progress"]["epoch"] == 1
     assert not Path("models/model.pt").exists()
 

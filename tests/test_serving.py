@@ -16,6 +16,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from cxr.classifier import Classifier
@@ -32,14 +33,36 @@ CURL = (
 
 @pytest.fixture(scope="module")
 def evaluated(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """The trained project evaluated once more into a store of its own: version 1, @candidate."""
+    """The trained project as a clean git checkout, evaluated once more into a store of its
+    own: version 1, @candidate."""
     tmp = tmp_path_factory.mktemp("served")
     folder = tmp / "project"
     shutil.copytree(trained, folder)
     env = tool_env(tmp)
+    commit_as_checkout(folder, env)
     out = run_stage(folder, "evaluate", env=env)
     assert f"registered models:/{NAME}@candidate (version 1)" in out
     return folder, env
+
+
+STAGES_RUN = ("download", "split", "preprocess", "train", "guard", "evaluate", "gradcam")
+
+
+def commit_as_checkout(folder: Path, env: dict[str, str]) -> None:
+    """Make `folder` a git and DVC checkout whose last commit holds an earlier run's outputs,
+    as a checkout is when its code or params were committed before `dvc repro` ran.
+
+    dvc.lock records the stages that ran (and the data hashes a registered version carries);
+    evaluate then rewrites its tracked outputs, which differ from the committed ones, as its
+    own outputs do in every run that changed anything.
+    """
+    sh(folder, "git", "init", "-q", "-b", "main", env=env)
+    sh(folder, sys.executable, "-m", "dvc", "init", "-q", env=env)
+    sh(folder, sys.executable, "-m", "dvc", "commit", "-f", "-q", *STAGES_RUN, env=env)
+    for earlier in ("metrics/evaluate.json", "models/threshold.json"):
+        (folder / earlier).write_text('{"threshold": 0.5}\n')
+    sh(folder, "git", "add", "-A", env=env)
+    sh(folder, "git", "commit", "-qm", "an earlier run's outputs", env=env)
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +112,22 @@ def test_each_evaluation_registers_a_candidate_with_its_card(evaluated: tuple[Pa
     test = report["test"]
     assert f"roc_auc {test['roc_auc']:.3f} [{test['roc_auc_ci_low']:.3f}," in version.description
     assert f"threshold {report['threshold']:.4f} chosen on validation" in version.description
+    assert f"the input guard refuses {test['refused']:.1%} of them" in version.description
     trained_by = Classifier.load(folder / "models/model.pt").card.mlflow_run_id
     assert version.tags["training_run_id"] == trained_by != ""
+    # Lineage: the commit and data it came from. Evaluate rewrote its own tracked outputs,
+    # which leaves the checkout as clean as the code and params that ran.
+    assert version.tags["git.commit"] == sh(folder, "git", "rev-parse", "HEAD", env=env).strip()
+    assert version.tags["git.dirty"] == "False"
+    assert "metrics/evaluate.json" in sh(folder, "git", "status", "--porcelain", env=env)
+    lock = yaml.safe_load((folder / "dvc.lock").read_text())["stages"]
+    data = {
+        f"dvc.md5.{out['path']}": out["md5"]
+        for stage in lock.values() for out in stage.get("outs", [])
+        if out["path"].startswith("data/")
+    }  # fmt: skip
+    assert "dvc.md5.data/processed" in data
+    assert {key: version.tags.get(key) for key in data} == data
     # Weights and threshold are artifacts; the model is code, not a pickled object.
     mlflow.set_tracking_uri(uri)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@candidate"))
@@ -170,9 +207,8 @@ def test_served_model_answers_like_the_cli(
     assert rows[3]["label"] is None and rows[3]["probability"] is None
     assert rows[4]["in_distribution"] is False and rows[4]["label"] is None
     command = CURL.replace("FILE", str(xrays[1])).replace("URL", server)
-    (row,) = json.loads(subprocess.run(["bash", "-c", command], capture_output=True).stdout)[
-        "predictions"
-    ]
+    answer = subprocess.run(["bash", "-c", command], capture_output=True, timeout=120).stdout
+    (row,) = json.loads(answer)["predictions"]
     assert as_printed(row["probability"], row["label"]) == expected["sick.png"]
 
 

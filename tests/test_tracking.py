@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import shutil
+import subprocess
 from collections.abc import Iterator
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
@@ -12,6 +14,7 @@ import mlflow
 import pytest
 
 from cxr import tracking
+from tests.conftest import REPO
 
 PROCESSES = 4  # `dvc queue start -j 2` is the usual case; more makes the race easier to hit
 EXPERIMENT = "chest-xray-pneumonia"
@@ -145,3 +148,85 @@ def test_a_model_trained_elsewhere_gets_a_top_level_run_naming_its_training_run(
     assert run.data.metrics == {"gradcam_pointing_game": 0.5}
     assert MISSING_RUN_ID in capsys.readouterr().out
     assert mlflow.get_tracking_uri() == f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+
+
+@pytest.fixture
+def checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A git checkout of the project's dvc.yaml, params and one module, with the outputs a
+    previous `dvc repro` committed (metrics, threshold, plots, dvc.lock), as the working
+    directory, as DVC runs a stage."""
+    folder = tmp_path / "checkout"
+    folder.mkdir()
+    shutil.copy(REPO / "dvc.yaml", folder)
+    shutil.copy(REPO / "params.yaml", folder)
+    (folder / "cxr").mkdir()
+    shutil.copy(REPO / "cxr/tracking.py", folder / "cxr")
+    for path in STAGE_WRITES:
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_text('{"run": "the last commit\'s"}\n')  # JSON is YAML too
+    monkeypatch.chdir(folder)
+    for variable in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{variable}_NAME", "test")
+        monkeypatch.setenv(f"GIT_{variable}_EMAIL", "test@example.com")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "baseline"]):
+        subprocess.run(["git", *command], check=True, timeout=60)
+    return folder
+
+
+# Tracked files that `dvc repro` rewrites before evaluate registers the model.
+STAGE_WRITES = (
+    "dvc.lock",
+    "metrics/train.json",
+    "metrics/evaluate.json",
+    "models/threshold.json",
+    "plots/evaluate/test_roc.csv",
+    "plots/train/history.csv",
+)
+
+
+def _head() -> str:
+    command = ["git", "rev-parse", "HEAD"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+def test_a_checkout_whose_pipeline_rewrote_its_own_outputs_is_clean(checkout: Path):
+    assert tracking.run_tags()["git.dirty"] == "False"
+    for path in STAGE_WRITES:
+        (checkout / path).write_text('{"run": "this one"}\n')
+
+    tags = tracking.run_tags()
+
+    assert tags["git.commit"] == _head() != ""
+    assert tags["git.dirty"] == "False"
+    assert "git.changed" not in tags
+
+
+@pytest.mark.parametrize("edited", ["params.yaml", "cxr/tracking.py", "dvc.yaml"])
+def test_changed_code_or_params_make_a_checkout_dirty_and_are_named(checkout: Path, edited: str):
+    (checkout / "metrics/evaluate.json").write_text('{"run": "this one"}\n')
+    with (checkout / edited).open("a") as file:
+        file.write("# edited\n")
+
+    tags = tracking.run_tags()
+
+    assert tags["git.dirty"] == "True"
+    assert tags["git.changed"] == edited
+
+
+def test_a_change_staged_but_not_committed_is_dirty_too(checkout: Path):
+    (checkout / "cxr/tracking.py").write_text("")
+    subprocess.run(["git", "add", "cxr/tracking.py"], check=True, timeout=60)
+    assert tracking.run_tags()["git.dirty"] == "True"
+
+
+def test_outside_a_git_checkout_there_are_no_git_tags(project: Path):
+    tags = tracking.run_tags()
+    assert not [key for key in tags if key.startswith("git.")]
+
+
+def test_pipeline_outputs_are_every_declared_output_of_dvc_yaml():
+    outputs = tracking.pipeline_outputs(REPO / "dvc.yaml")
+    assert {"models/threshold.json", "metrics/evaluate.json", "plots/evaluate"} <= outputs
+    assert {"data/processed", "models/model.pt", "plots/train/history.png"} <= outputs
+    assert not {"params.yaml", "dvc.yaml", "stages/evaluate.py", "data/raw/lesions.csv"} & outputs

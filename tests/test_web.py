@@ -6,9 +6,8 @@ from __future__ import annotations
 import base64
 import http.client
 import io
+import itertools
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +19,7 @@ from PIL import Image
 from cxr.classifier import Classifier, decide
 from cxr.explain import compute_cams, resolve_target_layer
 from cxr.figures import overlay
-from tests.conftest import LAYER, Server, start_web
+from tests.conftest import LAYER, Server, request_json, start_web
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +27,14 @@ def web(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
     yield from start_web(trained / "models/model.pt", tmp_path_factory.mktemp("web"))
 
 
-def post(url: str, body: bytes, name: str = "") -> tuple[int, dict]:
+def post(
+    url: str, body: bytes | Iterator[bytes], name: str = "", length: int | None = None
+) -> tuple[int, dict]:
+    """urllib's POST, with `Connection: close`: an iterator is sent chunked unless its length
+    is given, and the answer is read only once the whole body is sent."""
     headers = {"Content-Type": "application/octet-stream"} | ({"X-Filename": name} if name else {})
-    request = urllib.request.Request(f"{url}/api/predict", body, headers)
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    headers |= {} if length is None else {"Content-Length": str(length)}
+    return request_json(f"{url}/api/predict", body, headers)
 
 
 def post_large(url: str, body: bytes, name: str) -> tuple[int, dict]:
@@ -107,6 +106,28 @@ def test_bad_uploads_get_a_4xx_that_says_why_and_the_server_stays_up(
 ):
     answer_status, answer = (post_large if len(body) > 1024**2 else post)(web.url, body, name)
     assert (answer_status, answer["detail"][: len(message)]) == (status, message)
+    xray = sorted((trained / "data/raw/test/NORMAL").iterdir())[0]
+    assert post(web.url, xray.read_bytes())[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("chunked", "message"),
+    [
+        (True, "file too large: over the 20 MB limit"),
+        (False, "file too large: 100.0 MB, the limit is 20 MB"),
+    ],
+)
+def test_an_upload_over_the_limit_sent_without_waiting_gets_a_413_not_a_reset(
+    web: Server, trained: Path, chunked: bool, message: str
+):
+    """A streamed upload (no Content-Length) can only be found too large while it is read, and
+    a client that does not wait for `100 Continue` sends its whole body regardless: answering
+    before it is all read resets the connection under the client, which then never sees the
+    answer (100 MB: more than the sockets' buffers hold)."""
+    megabyte = 1024 * 1024
+    body = itertools.repeat(bytes(megabyte), 100)
+    length = None if chunked else 100 * megabyte
+    assert post(web.url, body, "huge.jpeg", length) == (413, {"detail": message})
     xray = sorted((trained / "data/raw/test/NORMAL").iterdir())[0]
     assert post(web.url, xray.read_bytes())[0] == 200
 
