@@ -21,20 +21,40 @@ from cxr.guard import Guard, forward_with_features, out_of_distribution
 from cxr.images import load_square
 from cxr.model import ModelCard, create_model, normalize
 
-# Stored beside the model by the evaluate stage, which picks the threshold (and whether to
-# average over a horizontal flip) on validation data, and by the guard stage.
+# Stored beside the model by the evaluate stage, which picks the threshold, the temperature and
+# whether to average over a horizontal flip on validation data, and by the guard stage.
 THRESHOLD_FILE = "threshold.json"
 GUARD_FILE = "guard.pt"
+
+
+def probability_from_logit(logit: np.ndarray, temperature: float) -> np.ndarray:
+    """P(PNEUMONIA) from the network's logit (after flip TTA) and the validation-fitted
+    temperature: sigmoid(logit / T), in the logit's precision.
+
+    The one place a logit becomes a probability, for PyTorch, ONNX and the evaluate stage
+    alike, so the probability a clinician reads is the one the threshold and the reported
+    calibration were computed on. torch's sigmoid neither overflows nor warns for large |z|,
+    and with T = 1 it gives what the network's output through `torch.sigmoid` gives.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    z = torch.as_tensor(np.asarray(logit)) / temperature
+    return torch.sigmoid(z).numpy()
 
 
 @dataclass(frozen=True)
 class Assessment:
     """What a model says of a batch of images: pneumonia probability and, with a guard, how far
-    each image lies from the training X-rays and whether that is too far to diagnose it."""
+    each image lies from the training X-rays and whether that is too far to diagnose it.
+
+    `logit` is the network's output before the temperature (after flip TTA), kept so the
+    evaluate stage can fit the temperature on the same pass that scores the images.
+    """
 
     probability: np.ndarray
     ood_score: np.ndarray | None = None
     out_of_distribution: np.ndarray | None = None
+    logit: np.ndarray | None = None
 
 
 @dataclass
@@ -42,8 +62,9 @@ class Classifier:
     """A loaded model with its card, the decision settings chosen on validation and the input
     guard, when the pipeline has fitted one.
 
-    `flip_tta` averages the logits of each image and its mirror image; the threshold was chosen
-    on probabilities computed the same way, so the two travel together in threshold.json.
+    `flip_tta` averages the logits of each image and its mirror image; `temperature` divides
+    that logit before the sigmoid (1.0: none). The threshold was chosen on probabilities
+    computed the same way, so the three travel together in threshold.json.
     """
 
     model: nn.Module
@@ -51,6 +72,7 @@ class Classifier:
     threshold: float
     flip_tta: bool = False
     guard: Guard | None = None
+    temperature: float = 1.0
 
     @classmethod
     def load(
@@ -63,9 +85,10 @@ class Classifier:
         with_threshold: bool = True,
     ) -> Classifier:
         """The model file, and the decision settings and guard stored beside it unless named
-        otherwise; without them it decides at 0.5 and flags nothing. Stages that do not use the
-        guard or that choose the threshold load without them, so they read no file that
-        dvc.yaml does not declare for them."""
+        otherwise; without them it decides at 0.5, applies no temperature and flags nothing.
+        Stages that do not use the guard or that choose the threshold load without them, so
+        they read no file that dvc.yaml does not declare for them. A threshold.json written
+        before calibration existed has no temperature and means 1.0."""
         saved = torch.load(path, map_location="cpu", weights_only=True)
         card = ModelCard(**{**saved["card"], "class_names": tuple(saved["card"]["class_names"])})
         model = create_model(card.arch, "none")
@@ -79,7 +102,14 @@ class Classifier:
         guard = None
         if with_guard and guard_file.is_file():
             guard = Guard.load(guard_file).to(device)
-        return cls(model, card, float(decision["threshold"]), bool(decision.get("flip_tta")), guard)
+        return cls(
+            model,
+            card,
+            float(decision["threshold"]),
+            bool(decision.get("flip_tta")),
+            guard,
+            float(decision.get("temperature", 1.0)),
+        )
 
     def to_tensor(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W) arrays to the normalized (N, 1, H, W) float input."""
@@ -103,7 +133,8 @@ class Classifier:
 
     @torch.no_grad()
     def assess(self, images: np.ndarray, batch_size: int = 64) -> Assessment:
-        """Probabilities and, with a guard, its scores and verdicts, from one forward pass."""
+        """Calibrated probabilities, the logits they come from and, with a guard, its scores
+        and verdicts, from one forward pass."""
         logits, scores = [], []
         for start in range(0, len(images), batch_size):
             x = self.to_tensor(images[start : start + batch_size])
@@ -115,11 +146,13 @@ class Classifier:
             if self.flip_tta:
                 logit = (logit.float() + self.model(x.flip(-1)).float()) / 2
             logits.append(logit.float())
-        probability = torch.sigmoid(torch.cat(logits)).squeeze(1).cpu().numpy()
+        logit = torch.cat(logits).squeeze(1).cpu().numpy()
+        probability = probability_from_logit(logit, self.temperature)
         if self.guard is None:
-            return Assessment(probability)
+            return Assessment(probability, logit=logit)
         score = torch.cat(scores).cpu().numpy()
-        return Assessment(probability, score, out_of_distribution(score, self.ood_threshold))
+        verdict = out_of_distribution(score, self.ood_threshold)
+        return Assessment(probability, score, verdict, logit)
 
     @torch.no_grad()
     def features(self, images: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:

@@ -5,7 +5,8 @@ plotting library.
 
 Labels are 0 = NORMAL, 1 = PNEUMONIA; probabilities are P(PNEUMONIA); an image is predicted
 positive when its probability is >= the threshold, the same rule as sklearn's `roc_curve`.
-The threshold is chosen on validation data only, and then applied unchanged to the test set.
+The temperature and the threshold are chosen on validation data only, and then applied
+unchanged to the test set.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Hashable, Iterable
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
+from scipy.optimize import minimize_scalar
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
     accuracy_score,
@@ -23,6 +25,7 @@ from sklearn.metrics import (
     brier_score_loss,
     confusion_matrix,
     f1_score,
+    log_loss,
     precision_recall_curve,
     precision_score,
     recall_score,
@@ -33,6 +36,40 @@ from sklearn.metrics import (
 from cxr.dataset import CLASSES
 
 DIGITS = 5
+# The range searched for a temperature. A validation set the network separates perfectly has
+# its optimum at T -> 0 (ever sharper), a useless one at T -> inf; the bounds keep both finite
+# and the fit reports a bound it stopped at instead of an overflow.
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
+def fit_temperature(labels: ArrayLike, logits: ArrayLike) -> float:
+    """The temperature T > 0 that minimizes the log loss of sigmoid(logit / T) on `labels`.
+
+    Temperature scaling (Guo et al., 2017) is the calibration with one parameter: it divides
+    every logit by the same T, so it cannot change the ranking (AUC) or which images fall on
+    either side of a threshold moved with it, only how far the probabilities are from 0.5.
+    Fitted on VALIDATION logits it corrects the over- or under-confidence the network learned,
+    not a shift between validation and test populations: one number cannot move each region
+    of the reliability curve by a different amount.
+
+    The search runs over log T, where the loss is smooth and the bounds are symmetric.
+    """
+    labels = np.asarray(labels, dtype=int).ravel()
+    logits = np.asarray(logits, dtype=float).ravel()
+    if labels.size != logits.size:
+        raise ValueError(f"{labels.size} labels for {logits.size} logits")
+    if np.unique(labels).size < 2:
+        raise ValueError("fitting a temperature needs both classes in the labels")
+    if not np.isfinite(logits).all():
+        raise ValueError("fitting a temperature needs finite logits")
+    sign = 2.0 * labels - 1.0  # log loss of one image: log(1 + exp(-sign * logit / T))
+
+    def loss(log_temperature: float) -> float:
+        return float(np.logaddexp(0.0, -sign * logits / math.exp(log_temperature)).mean())
+
+    low, high = (math.log(bound) for bound in TEMPERATURE_BOUNDS)
+    result = minimize_scalar(loss, bounds=(low, high), method="bounded", options={"xatol": 1e-6})
+    return float(math.exp(result.x))
 
 
 def choose_threshold(
@@ -99,7 +136,13 @@ def _logit(p: float, eps: float = 1e-6) -> float:
 def classification_metrics(
     labels: ArrayLike, probs: ArrayLike, threshold: float, calibration_bins: int
 ) -> dict[str, float | int | None]:
-    """Everything metrics.json reports; undefined values are None, since JSON has no NaN."""
+    """Everything metrics.json reports; undefined values are None, since JSON has no NaN.
+
+    Beside the operating point and AUC it reports the proper scores (log loss, Brier), which
+    see the probabilities themselves, and the specificity at 95% sensitivity, which a screening
+    model is judged by: two models with the same AUC can differ in all three, so they rank
+    models on validation where AUC alone ties.
+    """
     labels, probs = _arrays(labels, probs)
     preds = _predict(probs, threshold)
     tn, fp, fn, tp = _confusion(labels, preds)
@@ -114,13 +157,42 @@ def classification_metrics(
         "f1": f1_score(labels, preds, zero_division=np.nan),
         "roc_auc": roc_auc_score(labels, probs) if both_classes else None,
         "pr_auc": average_precision_score(labels, probs) if both_classes else None,
-        "brier": brier_score_loss(labels, probs, pos_label=1),
-        "ece": expected_calibration_error(labels, probs, calibration_bins),
+        "specificity_at_95_sensitivity": (
+            specificity_at_sensitivity(labels, probs, 0.95) if both_classes else None
+        ),
     }
-    return {name: _json_float(value) for name, value in values.items()} | {
+    return {name: _json_float(value) for name, value in values.items()} | probability_scores(
+        labels, probs, calibration_bins
+    ) | {
         "tn": tn, "fp": fp, "fn": fn, "tp": tp, "n": int(labels.size),
         "prevalence": _json_float(labels.mean()),
     }  # fmt: skip
+
+
+def probability_scores(labels: ArrayLike, probs: ArrayLike, calibration_bins: int) -> dict:
+    """The scores that read the probabilities themselves, not only their order or a threshold:
+    Brier, log loss and ECE. The evaluate stage reports them before and after calibration."""
+    labels, probs = _arrays(labels, probs)
+    values = {
+        "brier": brier_score_loss(labels, probs, pos_label=1),
+        "log_loss": log_loss(labels, probs, labels=[0, 1]),
+        "ece": expected_calibration_error(labels, probs, calibration_bins),
+    }
+    return {name: _json_float(value) for name, value in values.items()}
+
+
+def specificity_at_sensitivity(labels: ArrayLike, probs: ArrayLike, target: float) -> float:
+    """The specificity at the highest threshold whose sensitivity reaches `target`: how many
+    healthy children a screen that misses at most 1 - target of pneumonias would send home.
+
+    Every distinct score is a candidate threshold (`drop_intermediate=False`): a dropped point
+    on a straight stretch of the curve can be the first to reach the target, and the kept point
+    after it has a lower specificity. Thresholds fall along the curve and false positives only
+    grow, so the first qualifying point is also the best one.
+    """
+    labels, probs = _arrays(labels, probs)
+    fpr, tpr, _ = roc_curve(labels, probs, drop_intermediate=False)
+    return float(1 - fpr[np.argmax(tpr >= target)])
 
 
 def expected_calibration_error(labels: ArrayLike, probs: ArrayLike, bins: int) -> float:

@@ -56,19 +56,28 @@ def save_figures(
     probs: ArrayLike,
     threshold: float,
     calibration_bins: int,
+    uncalibrated: pd.DataFrame | None = None,
 ) -> list[Path]:
     """Static PNGs for reports and MLflow, where DVC's interactive plots are not available.
 
     They draw the tables (`evaluation.curve_tables`) and metrics
     (`evaluation.classification_metrics`) the stage writes for DVC, so a figure cannot disagree
-    with metrics.json.
+    with metrics.json. `uncalibrated` is the reliability table before temperature scaling,
+    drawn beside the calibrated one with `metrics["ece_uncalibrated"]`, so the figure shows
+    what calibration changed.
     """
     figures = {
         "roc": _roc_figure(split, tables["roc"], metrics, threshold),
         "pr": _pr_figure(split, tables["pr"], metrics),
         "confusion": _confusion_figure(split, metrics, threshold),
         "calibration": _calibration_figure(
-            split, tables["calibration"], metrics["ece"], probs, calibration_bins
+            split,
+            tables["calibration"],
+            metrics["ece"],
+            probs,
+            calibration_bins,
+            uncalibrated,
+            metrics.get("ece_uncalibrated"),
         ),
     }
     paths = []
@@ -116,14 +125,31 @@ def _confusion_figure(split: str, metrics: dict, threshold: float) -> Figure:
 
 
 def _calibration_figure(
-    split: str, table: pd.DataFrame, ece: float, probs: ArrayLike, bins: int
+    split: str,
+    table: pd.DataFrame,
+    ece: float,
+    probs: ArrayLike,
+    bins: int,
+    uncalibrated: pd.DataFrame | None = None,
+    ece_uncalibrated: float | None = None,
 ) -> Figure:
+    """The reliability diagram of the deployed (calibrated) probabilities, over the one before
+    calibration when given, and the histogram of the deployed probabilities."""
     figure = Figure(figsize=(5, 6))
     top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     top.plot([0, 1], [0, 1], "k--", lw=1, label="perfectly calibrated")
-    top.plot(table["mean_predicted"], table["fraction_positive"], "o-", label="model")
+    title = f"Calibration - {split} (ECE = {ece:.3f})"
+    if uncalibrated is not None:
+        before = "" if ece_uncalibrated is None else f" (ECE {ece_uncalibrated:.3f})"
+        top.plot(
+            uncalibrated["mean_predicted"], uncalibrated["fraction_positive"], "s:",
+            color="C7", label=f"before calibration{before}",
+        )  # fmt: skip
+        if ece_uncalibrated is not None:
+            title = f"Calibration - {split} (ECE {ece_uncalibrated:.3f} -> {ece:.3f})"
+    top.plot(table["mean_predicted"], table["fraction_positive"], "o-", label="deployed model")
     top.set(ylabel="fraction PNEUMONIA", ylim=(-0.02, 1.02))
-    top.set_title(f"Calibration - {split} (ECE = {ece:.3f})")
+    top.set_title(title)
     top.legend(loc="upper left")
     bottom.hist(np.ravel(probs), bins=bins, range=(0, 1), color="C0", edgecolor="white")
     bottom.set(xlabel="predicted P(PNEUMONIA)", ylabel="images", xlim=(0, 1))

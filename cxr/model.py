@@ -6,6 +6,7 @@ normalization, class names), so a model loads and predicts without params.yaml.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import asdict, dataclass
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from cxr.atomic import atomic_path
-from cxr.dataset import CLASSES
+from cxr.dataset import CLASSES, sha256_of
 from cxr.images import Intensity, ResizeMode
 from cxr.params import ParamsError
 
@@ -97,6 +98,102 @@ class ModelCard:
     intensity: Intensity = "raw"
     class_names: tuple[str, ...] = CLASSES
     mlflow_run_id: str = ""
+    # The weights training started from (models/pretrained.safetensors, made by the pretrained
+    # stage): their source as params.yaml named it, the sha256 of the converted file train
+    # loaded and of the original file it came from. Defaults keep older model files loading.
+    pretrained: str = "none"
+    pretrained_sha256: str = ""
+    pretrained_source_sha256: str = ""
+
+
+# models/pretrained.safetensors: the converted weights (timm names, 1 input channel, no head)
+# and one metadata entry, a JSON object: safetensors writes several metadata entries in a
+# process-dependent order, and the file's bytes must depend on its content alone, because DVC
+# addresses the train stage's input by them.
+PRETRAINED_METADATA = "cxr.pretrained"
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """What the pretrained stage made: the weights and where they came from."""
+
+    state_dict: dict[str, torch.Tensor]
+    source: str  # as params.yaml names it: none, imagenet, efficientnet-lite0, a path
+    arch: str  # the timm architecture they were converted for; "" for none
+    source_sha256: str = ""  # of the original file, where there is one
+    sha256: str = ""  # of the converted file, filled in when it is read
+
+    @property
+    def empty(self) -> bool:
+        return not self.state_dict
+
+
+def save_pretrained(path: Path, weights: PretrainedWeights) -> None:
+    from safetensors.torch import save_file
+
+    info = {"source": weights.source, "arch": weights.arch, "source_sha256": weights.source_sha256}
+    state = {k: v.detach().cpu().contiguous() for k, v in weights.state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={PRETRAINED_METADATA: json.dumps(info, sort_keys=True)})
+
+
+def read_pretrained(path: Path) -> PretrainedWeights:
+    """The pretrained stage's output, with the sha256 of its bytes (the content DVC tracks)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            info = json.loads((handle.metadata() or {})[PRETRAINED_METADATA])
+        state = load_file(str(path))
+    except (SafetensorError, KeyError, ValueError, OSError) as err:
+        raise ParamsError(
+            f"{path} is not the pretrained stage's output ({err}); run `dvc repro pretrained`"
+        ) from None
+    return PretrainedWeights(
+        state, info["source"], info["arch"], info.get("source_sha256", ""), sha256_of(path)
+    )
+
+
+def load_pretrained(model: nn.Module, arch: str, weights: PretrainedWeights) -> None:
+    """Start `model` from the pretrained weights: every weight but the new head must fit."""
+    if weights.empty:
+        return
+    if weights.arch != arch:
+        raise ParamsError(
+            f"model.arch: the pretrained weights were converted for {weights.arch}, not {arch}; "
+            "run `dvc repro pretrained` (or `python -m stages.pretrained ...`) first"
+        )
+    missing, unexpected = model.load_state_dict(weights.state_dict, strict=False)
+    head = {f"{name}.{p}" for name in _classifier_names(model) for p in ("weight", "bias")}
+    misfits = sorted(
+        {k for k in missing if k not in head and not k.endswith("num_batches_tracked")}
+        | set(unexpected)
+    )
+    if misfits:
+        raise ParamsError(
+            f"model.pretrained: {len(misfits)} weights of {arch} missing or unexpected in the "
+            f"pretrained weights ({', '.join(misfits[:3])}); run `dvc repro pretrained`"
+        )
+
+
+def input_statistics(
+    normalize: str, arch: str, dataset_mean: float, dataset_std: float
+) -> tuple[float, float]:
+    """The (mean, std) that normalize the network's 1-channel input.
+
+    `dataset`: the training images' own statistics (inputs of mean 0 and std 1), the right
+    choice for a network trained from scratch. `backbone`: the statistics the pretrained
+    weights were trained with, averaged over RGB because the stem's RGB filters are summed into
+    one grayscale channel (a gray image normalized this way gives the summed stem exactly what
+    the RGB stem saw). TF-ported EfficientNet-Lite weights expect (x - 0.5) / 0.5; timm's
+    ImageNet models mostly the ImageNet mean and std (about 0.449 and 0.226).
+    """
+    if normalize == "dataset":
+        return dataset_mean, dataset_std
+    cfg = timm.get_pretrained_cfg(arch)
+    mean, std = (cfg.mean, cfg.std) if cfg is not None else ((0.5,) * 3, (0.5,) * 3)
+    return float(sum(mean) / len(mean)), float(sum(std) / len(std))
 
 
 def save_model(path: Path, model: nn.Module, card: ModelCard) -> None:

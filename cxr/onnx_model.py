@@ -2,9 +2,10 @@
 
 The graph is the network and its input guard: normalized (N, 1, S, S) float32 in, one logit and
 one guard score per image out, with a dynamic batch. What surrounds it at inference (decoding,
-the card's resize, intensity and normalization, flip TTA, the validation-chosen threshold and
-the guard's threshold) travels in the file's metadata, so `pneumonia-predict --backend onnx`
-needs only the .onnx file.
+the card's resize, intensity and normalization, flip TTA, the validation-fitted temperature,
+the validation-chosen threshold and the guard's threshold) travels in the file's metadata, so
+`pneumonia-predict --backend onnx` needs only the .onnx file. The graph's logit is the
+network's, before the temperature, so it can be compared with PyTorch's directly.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from cxr.classifier import Assessment, Classifier
+from cxr.classifier import Assessment, Classifier, probability_from_logit
 from cxr.guard import GuardedNetwork, out_of_distribution
 from cxr.images import load_square
 from cxr.model import ModelCard
@@ -49,6 +50,7 @@ def export_onnx(classifier: Classifier, target: Path, opset: int) -> None:
     decision = {
         "threshold": classifier.threshold,
         "flip_tta": classifier.flip_tta,
+        "temperature": classifier.temperature,
         "ood_threshold": classifier.ood_threshold,
     }
     for key, value in ((CARD_KEY, asdict(classifier.card)), (DECISION_KEY, decision)):
@@ -58,7 +60,8 @@ def export_onnx(classifier: Classifier, target: Path, opset: int) -> None:
 
 
 class OnnxClassifier:
-    """`Classifier`'s inference half on onnxruntime: same card, threshold and flip TTA."""
+    """`Classifier`'s inference half on onnxruntime: same card, threshold, flip TTA and
+    temperature (1.0 in a file exported before calibration existed)."""
 
     def __init__(self, path: Path, threads: int = 0) -> None:
         options = ort.SessionOptions()
@@ -69,6 +72,7 @@ class OnnxClassifier:
         self.card = ModelCard(**{**card, "class_names": tuple(card["class_names"])})
         decision = json.loads(metadata[DECISION_KEY])
         self.threshold, self.flip_tta = float(decision["threshold"]), bool(decision["flip_tta"])
+        self.temperature = float(decision.get("temperature", 1.0))
         self.ood_threshold = float(decision["ood_threshold"])
 
     def load_image(self, path: Path | IO[bytes]) -> np.ndarray:
@@ -85,7 +89,7 @@ class OnnxClassifier:
         return logit[:, 0], score
 
     def assess(self, images: np.ndarray, batch_size: int = 64) -> Assessment:
-        """Pneumonia probability, guard score and verdict per uint8 image."""
+        """Calibrated pneumonia probability, logit, guard score and verdict per uint8 image."""
         logits, scores = [], []
         for start in range(0, len(images), batch_size):
             batch = np.asarray(images[start : start + batch_size])
@@ -94,9 +98,9 @@ class OnnxClassifier:
                 logit = (logit + self.run(batch[:, :, ::-1])[0]) / 2
             logits.append(logit)
             scores.append(score)
-        score = np.concatenate(scores)
-        probability = 1 / (1 + np.exp(-np.concatenate(logits)))
-        return Assessment(probability, score, out_of_distribution(score, self.ood_threshold))
+        score, logit = np.concatenate(scores), np.concatenate(logits)
+        probability = probability_from_logit(logit, self.temperature)
+        return Assessment(probability, score, out_of_distribution(score, self.ood_threshold), logit)
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Pneumonia probability per uint8 image."""

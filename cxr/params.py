@@ -61,7 +61,9 @@ class PreprocessParams(Section):
 
 class ModelParams(Section):
     arch: str
-    pretrained: str
+    pretrained: str  # none | imagenet | efficientnet-lite0|1|2 | a file (cxr/pretrained.py)
+    pretrained_sha256: str  # pins a weights file given by path; "" = not checked
+    normalize: Literal["dataset", "backbone"]  # whose input statistics (cxr.model)
     drop_rate: Annotated[float, Field(ge=0, le=0.9)]
 
 
@@ -76,6 +78,8 @@ class AugmentParams(Section):
 
 class TrainParams(Section):
     freeze_epochs: Count
+    head_lr: NonNegative  # the frozen epochs' constant learning rate; 0 = lr
+    backbone_lr_scale: Annotated[float, Field(gt=0, le=1)]  # backbone lr = lr * this
     unfreeze: Literal["all", "progressive"]
     warmup_epochs: Count
     min_lr: NonNegative
@@ -92,6 +96,7 @@ class TrainParams(Section):
 
 class EvaluateParams(Section):
     flip_tta: bool
+    calibration: Literal["temperature", "none"]
     threshold: Literal["fixed", "youden", "youden_middle", "sensitivity"]
     youden_tolerance: Annotated[float, Field(ge=0, le=0.5)]
     fixed_threshold: Annotated[float, Field(ge=0, le=1)]

@@ -10,6 +10,7 @@ the same batch order and trains on its share of each batch (cxr/distributed.py).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -140,15 +141,16 @@ def create_run(
 ) -> Run:
     device = numerics.device
     model.to(device, memory_format=numerics.memory_format)
-    # timm's convention: no weight decay on norm weights and biases (1-d parameters).
-    optimizer = create_optimizer_v2(
-        model, "adamw", lr=params.lr, weight_decay=params.train.weight_decay
-    )
+    train = params.train
+    groups = parameter_groups(model, params.lr, train.weight_decay, train.backbone_lr_scale)
+    optimizer = create_optimizer_v2(groups, "adamw", lr=params.lr)
     scheduler = warmup_cosine(
         optimizer,
-        warmup_steps=params.train.warmup_epochs * steps_per_epoch,
+        warmup_steps=train.warmup_epochs * steps_per_epoch,
         total_steps=params.epochs * steps_per_epoch,
-        min_lr=params.train.min_lr,
+        min_lr=train.min_lr,
+        frozen_steps=train.freeze_epochs * steps_per_epoch,
+        head_lr=train.head_lr or params.lr,
     )
     # Weight averaging: validation, early stopping and the saved model use the running average
     # of the weights (BatchNorm statistics included) instead of the last step's.
@@ -254,23 +256,71 @@ def augment(
     return ((x - mean) * contrast + mean + brightness).clamp(0, 1)
 
 
+def parameter_groups(
+    model: nn.Module, lr: float, weight_decay: float, backbone_lr_scale: float = 1.0
+) -> list[dict]:
+    """AdamW's parameter groups: the head's first (its learning rate is the one logged), then
+    the backbone's at `lr * backbone_lr_scale`; each split by timm's convention of no weight
+    decay on norm weights and biases (1-d parameters) and the model's `no_weight_decay()`.
+
+    Fine-tuning pretrained features often wants a lower backbone rate than a new head's; the
+    default scale 1.0 trains every weight at `lr` as before.
+    """
+    head = set(layer_groups(model)[-1])
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        decay = not (parameter.ndim <= 1 or name.endswith(".bias") or name in skip)
+        groups.setdefault((name in head, decay), []).append(parameter)
+    return [
+        {"params": groups[is_head, decay], "head": is_head,
+         "lr": lr if is_head else lr * backbone_lr_scale,
+         "weight_decay": weight_decay if decay else 0.0}
+        for is_head in (True, False) for decay in (False, True) if (is_head, decay) in groups
+    ]  # fmt: skip
+
+
 def warmup_cosine(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr: float
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warm-up to `lr`, then cosine annealing to `min_lr`, stepped every batch.
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr: float,
+    frozen_steps: int = 0,
+    head_lr: float | None = None,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate per batch: a constant `head_lr` for the head alone while the backbone
+    is frozen, then a linear warm-up to each group's rate and cosine annealing to `min_lr`
+    (scaled like the group's rate) over the remaining steps.
 
     A network trained from scratch at a high learning rate can stall in its first updates
-    (BatchNorm statistics still settling); a short warm-up lets it start gently.
+    (BatchNorm statistics still settling); a short warm-up lets it start gently. A new head on
+    frozen pretrained features needs no warm-up, and must not get the decay either: when warm-up
+    and cosine spanned the frozen epochs too, a one-epoch frozen phase ended at about lr/150
+    and its head had not learned (validation AUC 0.36 on real X-rays, efficientnet-lite0). So
+    the schedule proper starts when the backbone thaws. Without frozen steps this is exactly
+    the former LinearLR + CosineAnnealingLR schedule, in closed form.
     """
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=min_lr
-    )
-    if warmup_steps == 0:
-        return cosine
-    warmup = torch.optim.lr_scheduler.LinearLR(
-        optimizer, start_factor=1 / warmup_steps, total_iters=max(1, warmup_steps - 1)
-    )
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], [warmup_steps])
+    cosine_steps = max(1, total_steps - frozen_steps - warmup_steps)
+
+    def factor(step: int, base_lr: float, head: bool) -> float:
+        if step < frozen_steps and head:
+            return (head_lr or base_lr) / base_lr
+        # Frozen groups have no gradients, so their rate is moot until they thaw: they wait at
+        # the rate they thaw into.
+        step = max(0, step - frozen_steps)
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        floor = min_lr / optimizer.param_groups[0]["initial_lr"]  # min_lr is the head's floor
+        progress = min(step - warmup_steps, cosine_steps) / cosine_steps
+        return floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2
+
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    lambdas = [
+        functools.partial(factor, base_lr=group["initial_lr"], head=group.get("head", True))
+        for group in optimizer.param_groups
+    ]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 def layer_groups(model: nn.Module) -> list[list[str]]:

@@ -1,8 +1,16 @@
 """Score the trained model on validation and the official test set.
 
-The decision threshold is chosen on validation only (all its images) and then applied unchanged
-to test; it is stored beside the model (models/threshold.json) for inference. Intervals resample
-patients, not images (see `bootstrap_intervals`).
+The temperature that calibrates the probabilities (`evaluate.calibration`) and then the decision
+threshold, on those calibrated probabilities, are chosen on validation only (all its images) and
+applied unchanged to test; both are stored beside the model (models/threshold.json), so every
+deployed form reports the probability the threshold and the metrics were computed on. Each
+split's metrics are those of the calibrated probabilities, with log loss, Brier and ECE before
+calibration (`*_uncalibrated`) beside them. Intervals resample patients, not images (see
+`bootstrap_intervals`).
+
+A temperature fitted on validation fixes the network's over- or under-confidence there; it
+cannot fix a test population that differs from validation, so test ECE after calibration is the
+honest measure of what it achieved.
 
 The deployed model diagnoses only what its input guard lets through, so each split is reported
 twice: over all images (`test`), as a bare network would be judged, and over the images the
@@ -19,14 +27,18 @@ import pandas as pd
 
 from cxr import serving, tracking
 from cxr.atomic import write_csv, write_json
-from cxr.classifier import Assessment, Classifier
+from cxr.classifier import Assessment, Classifier, probability_from_logit
 from cxr.dataset import CLASSES
 from cxr.device import pick_device, use_cpu_threads
 from cxr.evaluation import (
+    TEMPERATURE_BOUNDS,
     bootstrap_intervals,
+    calibration_table,
     choose_threshold,
     classification_metrics,
     curve_tables,
+    fit_temperature,
+    probability_scores,
 )
 from cxr.figures import save_figures
 from cxr.params import EvaluateParams, load_params
@@ -38,14 +50,19 @@ def split_metrics(
     labels: np.ndarray,
     patients: pd.Series,
     probs: np.ndarray,
+    uncalibrated: np.ndarray,
     threshold: float,
     settings: EvaluateParams,
     seed: int,
 ) -> dict:
-    """Point metrics plus flat 95% bootstrap bounds (`roc_auc_ci_low`), easy to read in a diff."""
+    """Point metrics of the calibrated probabilities, the probability scores before
+    calibration (`ece_uncalibrated`), and flat 95% bootstrap bounds (`roc_auc_ci_low`), easy to
+    read in a diff."""
     if labels.size == 0:  # the guard refused every image
         return {"n": 0}
     metrics = classification_metrics(labels, probs, threshold, settings.calibration_bins)
+    before = probability_scores(labels, uncalibrated, settings.calibration_bins)
+    metrics |= {f"{name}_uncalibrated": value for name, value in before.items()}
     metrics["patients"] = int(patients.nunique())
     intervals = bootstrap_intervals(labels, probs, patients, threshold, settings.bootstrap, seed)
     for name, (low, high) in intervals.items():
@@ -58,21 +75,29 @@ def save_plot_data(
     split: str,
     labels: np.ndarray,
     probs: np.ndarray,
+    uncalibrated: np.ndarray,
     threshold: float,
     metrics: dict,
     bins: int,
 ) -> list[Path]:
-    """Curve tables for `dvc plots`, and the same curves as PNGs for MLflow and reports."""
+    """Curve tables for `dvc plots`, and the same curves as PNGs for MLflow and reports.
+
+    `{split}_calibration_uncalibrated.csv` is the reliability table before temperature scaling,
+    written even without calibration (then equal to `{split}_calibration.csv`) so that the
+    plot dvc.yaml defines over both files always finds them."""
     tables = curve_tables(labels, probs, threshold, bins)
-    for kind, table in tables.items():
+    before = calibration_table(labels, uncalibrated, bins)
+    for kind, table in (*tables.items(), ("calibration_uncalibrated", before)):
         write_csv(folder / f"{split}_{kind}.csv", table)
-    return save_figures(folder / "figures", split, tables, metrics, probs, threshold, bins)
+    return save_figures(
+        folder / "figures", split, tables, metrics, probs, threshold, bins, uncalibrated=before
+    )
 
 
 def predictions_table(
-    split: str, data: ProcessedSplit, assessment: Assessment, threshold: float
+    split: str, data: ProcessedSplit, probs: np.ndarray, assessment: Assessment, threshold: float
 ) -> pd.DataFrame:
-    probs = assessment.probability
+    """One row per image with the calibrated probability the deployed model reports."""
     return pd.DataFrame(
         {
             "path": data.index["path"],
@@ -100,10 +125,17 @@ def main(argv: list[str] | None = None) -> None:
     classifier = Classifier.load(
         args.model, device=device, guard_file=args.guard, with_threshold=False
     )
-    classifier.flip_tta = settings.flip_tta  # the threshold is chosen below, with this setting
+    # The temperature and threshold are chosen below, on logits computed with this setting.
+    classifier.flip_tta = settings.flip_tta
     splits = {name: load_split(name, args.processed) for name in ("val", "test")}
     assessed = {name: classifier.assess(np.asarray(s.images)) for name, s in splits.items()}
-    probs = {name: a.probability for name, a in assessed.items()}
+    logits = {name: a.logit for name, a in assessed.items()}
+    temperature = 1.0
+    if settings.calibration == "temperature":
+        temperature = fit_temperature(splits["val"].labels, logits["val"])
+    uncalibrated = {name: probability_from_logit(z, 1.0) for name, z in logits.items()}
+    probs = {name: probability_from_logit(z, temperature) for name, z in logits.items()}
+    classifier.temperature = temperature
 
     threshold = choose_threshold(
         splits["val"].labels,
@@ -114,12 +146,12 @@ def main(argv: list[str] | None = None) -> None:
         settings.youden_tolerance,
     )
     classifier.threshold = threshold
-    report: dict = {"threshold": round(threshold, 6)}
+    report: dict = {"threshold": round(threshold, 6), "temperature": round(temperature, 6)}
     figures, predictions = [], []
     for name, data in splits.items():
         labels, patients = data.labels, data.index["patient_id"]
         report[name] = split_metrics(
-            labels, patients, probs[name], threshold, settings, params.seed
+            labels, patients, probs[name], uncalibrated[name], threshold, settings, params.seed
         )
         refused = assessed[name].out_of_distribution
         report[name] |= {
@@ -128,19 +160,20 @@ def main(argv: list[str] | None = None) -> None:
         }
         accepted = ~refused
         report[f"{name}_accepted"] = split_metrics(
-            labels[accepted], patients[accepted], probs[name][accepted], threshold, settings,
-            params.seed,
+            labels[accepted], patients[accepted], probs[name][accepted],
+            uncalibrated[name][accepted], threshold, settings, params.seed,
         )  # fmt: skip
         figures += save_plot_data(
             args.plots,
             name,
             data.labels,
             probs[name],
+            uncalibrated[name],
             threshold,
             report[name],
             settings.calibration_bins,
         )
-        predictions.append(predictions_table(name, data, assessed[name], threshold))
+        predictions.append(predictions_table(name, data, probs[name], assessed[name], threshold))
 
     write_json(args.metrics, report)
     write_json(
@@ -149,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
             "threshold": threshold,
             "strategy": settings.threshold,
             "flip_tta": settings.flip_tta,
+            "temperature": temperature,
+            "calibration": settings.calibration,
             "chosen_on": "validation",
         },
     )
@@ -162,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     ):
         mlflow.set_tag("evaluate.threshold_strategy", settings.threshold)
         mlflow.set_tag("evaluate.flip_tta", settings.flip_tta)
+        mlflow.set_tag("evaluate.calibration", settings.calibration)
         flat = {
             f"{split}_{k}": v
             for split, metrics in report.items()
@@ -169,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             for k, v in metrics.items()
             if isinstance(v, (int, float))
         }
-        mlflow.log_metrics({"threshold": threshold, **flat})
+        mlflow.log_metrics({"threshold": threshold, "temperature": temperature, **flat})
         for figure in figures:
             mlflow.log_artifact(str(figure), artifact_path="evaluation")
         # The deployable model, registered once its threshold is known (README, Deploy).
@@ -180,7 +216,12 @@ def main(argv: list[str] | None = None) -> None:
             params.mlflow.registered_model,
             serving.encode_png(np.asarray(splits["val"].images[0])),
             serving.describe(classifier, report, settings.threshold),
-            {**tracking.run_tags(), "training_run_id": classifier.card.mlflow_run_id},
+            {
+                **tracking.run_tags(),
+                "training_run_id": classifier.card.mlflow_run_id,
+                "pretrained.source": classifier.card.pretrained,
+                "pretrained.sha256": classifier.card.pretrained_sha256,
+            },
         )
 
     for name in splits:
@@ -195,8 +236,21 @@ def main(argv: list[str] | None = None) -> None:
                 f" {m['sensitivity']}  specificity {m['specificity']}  F1 {m['f1']}"
                 f"  ({m['n']} images, {m['patients']} patients, {what})"
             )
+            print(
+                f"{'':>13}  ECE {m['ece_uncalibrated']} -> {m['ece']}, log loss"
+                f" {m['log_loss_uncalibrated']} -> {m['log_loss']}, specificity at 95%"
+                f" sensitivity {m['specificity_at_95_sensitivity']}"
+            )
         print(f"{'':>13}  the guard refuses {report[name]['refused']:.1%} of {name} images")
-    print(f"threshold {threshold:.4f} ({settings.threshold}, chosen on validation)")
+    print(
+        f"temperature {temperature:.4f} ({settings.calibration}), threshold {threshold:.4f}"
+        f" ({settings.threshold}), both chosen on validation"
+    )
+    if any(np.isclose(temperature, bound, rtol=1e-3) for bound in TEMPERATURE_BOUNDS):
+        print(
+            f"warning: the temperature stopped at its bound {temperature:.3g}: the validation"
+            " logits are separated perfectly (low) or carry almost no signal (high)"
+        )
     print(f"registered models:/{version.name}@{serving.CANDIDATE} (version {version.version})")
 
 

@@ -1,9 +1,13 @@
 """Export the trained model to ONNX, checked against PyTorch on the test split.
 
 The check runs on the file before it replaces models/model.onnx, so a failed or interrupted
-export never leaves a file that looks usable; the largest logit and guard-score differences,
-the shares of test images given the same class and the same guard verdict, the opset and the
-library versions go to metrics/export.json.
+export never leaves a file that looks usable; the largest logit, probability and guard-score
+differences, the shares of test images given the same class and the same guard verdict, the
+temperature, the opset and the library versions go to metrics/export.json.
+
+Logits are compared as the graph computes them, before flip TTA and the temperature; the
+probabilities are compared as each deployed form reports them, after both, since a temperature
+below 1/4 magnifies a logit difference in the probability (sigmoid's slope is at most 1/4).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         onnx_logits, onnx_scores = onnx_model.run(images)
         torch_logits, torch_scores = torch_outputs(classifier, images)
         difference = float(np.abs(onnx_logits - torch_logits).max())
+        probability_difference = float(np.abs(exported.probability - reference.probability).max())
         # guard scores run from about 1 to thousands: compared relative to their size
         score_difference = float(
             (np.abs(onnx_scores - torch_scores) / np.maximum(np.abs(torch_scores), 1)).max()
@@ -62,7 +67,12 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
         same_verdict = float(np.mean(exported.out_of_distribution == reference.out_of_distribution))
-        for name, value in (("logits", difference), ("guard scores", score_difference)):
+        checks = (
+            ("logits", difference),
+            ("probabilities", probability_difference),
+            ("guard scores", score_difference),
+        )
+        for name, value in checks:
             if value > settings.tolerance:
                 raise StageError(
                     f"{args.onnx}: ONNX and PyTorch {name} differ by up to {value:.2e} on the "
@@ -70,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
                 )
     report = {
         "max_abs_logit_difference": difference,
+        "max_abs_probability_difference": probability_difference,
         "max_rel_guard_score_difference": score_difference,
+        "temperature": onnx_model.temperature,
         "same_class": same_class,
         "same_guard_verdict": same_verdict,
         "images_checked": len(images),
@@ -89,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.log_metrics(
             {
                 "onnx_max_abs_logit_difference": difference,
+                "onnx_max_abs_probability_difference": probability_difference,
                 "onnx_same_class": same_class,
                 "onnx_same_guard_verdict": same_verdict,
             }
@@ -96,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.log_params({"onnx.opset": settings.opset, "onnxruntime": report["onnxruntime"]})
     print(
         f"{args.onnx}: opset {settings.opset}, {len(images)} test images, max |logit difference| "
-        f"{difference:.2e}, same class {same_class:.1%}; guard scores within "
+        f"{difference:.2e}, |probability difference| {probability_difference:.2e} (temperature "
+        f"{onnx_model.temperature:.3f}), same class {same_class:.1%}; guard scores within "
         f"{score_difference:.1e} (relative), same verdict {same_verdict:.1%}"
     )
 

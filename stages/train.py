@@ -1,5 +1,9 @@
 """Train the timm classifier on the preprocessed arrays; record the run in MLflow.
 
+Training starts from the pretrained stage's weights file (empty for `model.pretrained: none`);
+its sha256 goes into the model card and the MLflow run, so a model names the weights it grew
+from, and DVC re-runs training when their content changes.
+
 Keeps the best validation-AUC epoch. An interrupted run resumes from checkpoints/train.pt when
 `runtime.resume` is true. With `runtime.processes` > 1 the stage starts itself again under
 torchrun, one process per device, and trains data-parallel; rank 0 writes every output.
@@ -33,7 +37,15 @@ from cxr.device import (
 )
 from cxr.distributed import Ranks
 from cxr.figures import save_history_figure
-from cxr.model import ModelCard, create_model, save_model
+from cxr.model import (
+    ModelCard,
+    PretrainedWeights,
+    create_model,
+    input_statistics,
+    load_pretrained,
+    read_pretrained,
+    save_model,
+)
 from cxr.params import RUN_ONLY_SECTIONS, Params, ParamsError, as_flat_dict, load_params
 from cxr.processed import ProcessedSplit, load_split, load_stats
 from cxr.stage import StageError, paths, require, run
@@ -54,7 +66,7 @@ from cxr.training import (
 CHECKPOINT = Path("checkpoints/train.pt")
 
 
-def fingerprint(params: Params, processed: Path) -> str:
+def fingerprint(params: Params, processed: Path, pretrained_sha256: str = "") -> str:
     """Identifies the training inputs, so a checkpoint is resumed only by the run it came from."""
     relevant = {
         k: v for k, v in as_flat_dict(params).items() if k.split(".")[0] not in RUN_ONLY_SECTIONS
@@ -62,6 +74,7 @@ def fingerprint(params: Params, processed: Path) -> str:
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
     for name in ("index.csv", "stats.json"):
         digest.update((processed / name).read_bytes())
+    digest.update(pretrained_sha256.encode())
     return digest.hexdigest()
 
 
@@ -116,6 +129,18 @@ def log_model_to_mlflow(model: nn.Module, image_size: int) -> None:
     )
 
 
+def pretrained_record(weights: PretrainedWeights) -> dict[str, str]:
+    """The weights training started from, as MLflow params and tags: the converted file's
+    sha256 (`sha256sum models/pretrained.safetensors`) and the original file's."""
+    if weights.empty:
+        return {"pretrained.source": "none"}
+    return {
+        "pretrained.source": weights.source,
+        "pretrained.sha256": weights.sha256,
+        "pretrained.source_sha256": weights.source_sha256,
+    }
+
+
 def check_both_classes(name: str, labels: np.ndarray, index: pd.DataFrame) -> None:
     if len(np.unique(labels)) < 2:
         raise StageError(
@@ -135,10 +160,12 @@ def place_data(
     return [kind.from_arrays(split.images, split.labels, device) for split in splits], note
 
 
-def prepare_model(params: Params, ranks: Ranks) -> nn.Module:
-    """The network to train; with several processes, its BatchNorm layers synchronized when
-    `train.sync_batchnorm` says so (timm's conversion covers its BatchNorm+activation layers)."""
-    model = create_model(params.model.arch, params.model.pretrained, params.model.drop_rate)
+def prepare_model(params: Params, ranks: Ranks, weights: PretrainedWeights) -> nn.Module:
+    """The network to train, from the pretrained weights; with several processes, its BatchNorm
+    layers synchronized when `train.sync_batchnorm` says so (timm's conversion covers its
+    BatchNorm+activation layers)."""
+    model = create_model(params.model.arch, "none", params.model.drop_rate)
+    load_pretrained(model, params.model.arch, weights)
     if not (ranks.distributed and has_batchnorm(model)):
         return model
     if params.train.sync_batchnorm:
@@ -165,9 +192,9 @@ def check_processes(params: Params, device: torch.device) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = paths(__doc__, "processed", "model", "metrics", "plots", argv=argv)
+    args = paths(__doc__, "processed", "pretrained", "model", "metrics", "plots", argv=argv)
     params = load_params()
-    require(args.processed)
+    require(args.processed, args.pretrained)
     device = pick_device(params.runtime.device)
     if params.runtime.processes > 1 and not distributed.launched_by_torchrun():
         check_processes(params, device)
@@ -186,19 +213,17 @@ def train_model(
     dtype = autocast_dtype(params.train.precision, device)
     torch.manual_seed(params.seed)
     threads = use_cpu_threads(params.runtime.threads)
-    model = prepare_model(params, ranks)
+    weights = read_pretrained(args.pretrained)
+    model = prepare_model(params, ranks, weights)
 
     stats = load_stats(args.processed)
     train_split, val_split = load_split("train", args.processed), load_split("val", args.processed)
     check_both_classes("train", train_split.labels, train_split.index)
     check_both_classes("val", val_split.labels, val_split.index)
-    numerics = Numerics(
-        device,
-        dtype,
-        memory_format(params.runtime.channels_last),
-        stats["mean"],
-        stats["std"],
+    mean, std = input_statistics(
+        params.model.normalize, params.model.arch, stats["mean"], stats["std"]
     )
+    numerics = Numerics(device, dtype, memory_format(params.runtime.channels_last), mean, std)
     budget = memory_budget(params.runtime.memory_budget_gb, device)
     (train, val), placement = place_data([train_split, val_split], budget, device)
     steps = steps_per_epoch(len(train.labels), params.batch_size, ranks.world)
@@ -210,7 +235,7 @@ def train_model(
     pos_weight = negatives / positives if params.train.imbalance == "pos_weight" else 1.0
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
 
-    run_fingerprint = fingerprint(params, args.processed)
+    run_fingerprint = fingerprint(params, args.processed, weights.sha256)
     (saved,) = ranks.from_main(load_resumable(params, run_fingerprint) if ranks.main else None)
     progress = restore(training, saved) if saved else new_progress()
     if not ranks.main:
@@ -222,6 +247,11 @@ def train_model(
         f"{negatives} NORMAL / {positives} PNEUMONIA, {len(val.labels)} val), pos_weight "
         f"{pos_weight:.3f}, AdamW lr={training.optimizer.param_groups[0]['initial_lr']!r}"
         + (f", resuming after epoch {progress['epoch']}" if saved else "")
+        + (
+            f"; from {weights.source} weights (sha256 {weights.sha256[:12]})"
+            if not weights.empty
+            else ""
+        )
         + f"; {placement}"
         + (f"; {threads} CPU threads" if device.type == "cpu" else "")
     )
@@ -233,7 +263,8 @@ def train_model(
     ) as active:
         if not saved:
             tracking.log_params(as_flat_dict(params))
-        mlflow.set_tags({**tracking.run_tags(), "dvc.stage": "train"})
+            tracking.log_params(pretrained_record(weights))
+        mlflow.set_tags({**tracking.run_tags(), **pretrained_record(weights), "dvc.stage": "train"})
 
         def on_epoch_end(progress: dict) -> None:
             record = progress["history"][-1]
@@ -255,9 +286,12 @@ def train_model(
             image_size=stats["image_size"],
             resize=stats["resize"],
             intensity=stats["intensity"],
-            mean=stats["mean"],
-            std=stats["std"],
+            mean=mean,
+            std=std,
             mlflow_run_id=active.info.run_id,
+            pretrained=weights.source,
+            pretrained_sha256=weights.sha256 if not weights.empty else "",
+            pretrained_source_sha256=weights.source_sha256,
         )
         save_model(args.model, model, card)
         history = pd.DataFrame(progress["history"])

@@ -212,9 +212,10 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny project whose download, split and preprocess stages have run (read-only use)."""
+    """A tiny project whose download, split, preprocess and pretrained stages have run
+    (read-only use)."""
     folder = copy_project(tmp_path_factory.mktemp("prepared") / "project")
-    for stage in ("download", "split", "preprocess"):
+    for stage in ("download", "split", "preprocess", "pretrained"):
         run_stage(folder, stage)
     return folder
 

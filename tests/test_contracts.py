@@ -21,7 +21,17 @@ from cxr import params as params_module
 from cxr.params import RUN_ONLY_SECTIONS
 from tests.conftest import REPO, stage_argv
 
-STAGES = ("download", "split", "preprocess", "train", "guard", "evaluate", "gradcam", "export")
+STAGES = (
+    "download",
+    "split",
+    "preprocess",
+    "pretrained",
+    "train",
+    "guard",
+    "evaluate",
+    "gradcam",
+    "export",
+)
 
 
 def dvc_stages() -> dict[str, dict]:

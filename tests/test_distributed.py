@@ -97,10 +97,11 @@ def test_an_interrupted_two_process_run_resumes_to_the_same_model(
         command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     checkpoint = folder / "checkpoints/train.pt"
-    while not checkpoint.exists() and process.poll() is None:
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)  # the stage is torchrun, which stops both processes
-    process.wait()
+    process.wait(timeout=120)
     assert checkpoint.exists(), "the run ended before its first checkpoint could be interrupted"
     assert not (folder / "models/model.pt").exists()
 
@@ -121,7 +122,7 @@ def test_densenet_trains_in_two_cpu_processes_without_synchronized_batchnorm(
     folder = _project(prepared_project, tmp_path, 2, model={"arch": "densenet121"}, epochs=1)
     result = subprocess.run(
         [sys.executable, "-m", "stages.train", *stage_argv(folder, "train")],
-        cwd=folder, env=_env(folder), capture_output=True, text=True,
+        cwd=folder, env=_env(folder), capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     # Refused before torchrun starts: torch has no synchronized BatchNorm on CPUs.
     assert result.returncode == 1

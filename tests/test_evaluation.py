@@ -18,17 +18,23 @@ from sklearn.metrics import (
     brier_score_loss,
     confusion_matrix,
     f1_score,
+    log_loss,
     precision_score,
     recall_score,
     roc_auc_score,
 )
 
+from cxr.classifier import probability_from_logit
 from cxr.evaluation import (
+    TEMPERATURE_BOUNDS,
     bootstrap_intervals,
     choose_threshold,
     classification_metrics,
     curve_tables,
     expected_calibration_error,
+    fit_temperature,
+    probability_scores,
+    specificity_at_sensitivity,
 )
 from cxr.figures import save_figures, save_history_figure
 
@@ -90,6 +96,26 @@ def _youden_j(labels: np.ndarray, probs: np.ndarray, threshold: float) -> float:
     return float(np.mean(predicted[labels == 1]) - np.mean(predicted[labels == 0]))
 
 
+def _brute_force_specificity(labels: np.ndarray, probs: np.ndarray, target: float) -> float:
+    """The best specificity of any threshold (each distinct score) whose sensitivity reaches
+    the target, counted image by image."""
+    reaching = [t for t in np.unique(probs) if _sensitivity(labels, probs, t) >= target]
+    return max(float(np.mean(probs[labels == 0] < t)) for t in reaching)
+
+
+def _mean_log_loss(labels: np.ndarray, logits: np.ndarray, temperature: float) -> float:
+    """scikit-learn's log loss of sigmoid(logit / T): a reference the fit does not share."""
+    return float(log_loss(labels, 1 / (1 + np.exp(-logits / temperature)), labels=[0, 1]))
+
+
+def _well_calibrated(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels drawn from sigmoid(logit): calibrated by construction (T = 1)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 2.0, n)
+    labels = (rng.random(n) < 1 / (1 + np.exp(-logits))).astype(int)
+    return labels, logits
+
+
 # --- classification_metrics ----------------------------------------------------------------
 
 
@@ -108,6 +134,8 @@ def test_metrics_equal_sklearn(data: tuple[np.ndarray, np.ndarray]) -> None:
         "roc_auc": roc_auc_score(labels, probs),
         "pr_auc": average_precision_score(labels, probs),
         "brier": brier_score_loss(labels, probs),
+        "log_loss": log_loss(labels, probs),
+        "specificity_at_95_sensitivity": _brute_force_specificity(labels, probs, 0.95),
         "prevalence": labels.mean(),
     }
 
@@ -134,6 +162,8 @@ def test_single_class_gives_none_not_nan(label: int) -> None:
     metrics = classification_metrics(labels, probs, threshold=0.5, calibration_bins=BINS)
 
     assert metrics["roc_auc"] is None and metrics["pr_auc"] is None
+    assert metrics["specificity_at_95_sensitivity"] is None
+    assert metrics["log_loss"] is not None  # defined: every image has a probability
     json.dumps(metrics, allow_nan=False)
     intervals = bootstrap_intervals(labels, probs, _one_image_each(labels), 0.5, 50, seed=0)
     missing_rate = "sensitivity" if label == 0 else "specificity"
@@ -153,6 +183,94 @@ def test_expected_calibration_error_known_cases(
     probs: list[float], labels: list[int], expected: float
 ) -> None:
     assert expected_calibration_error(labels, probs, BINS) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_specificity_at_95_sensitivity_matches_brute_force(seed: int) -> None:
+    labels, probs = _synthetic(200 + 37 * seed, seed)  # rounded: ties and repeated scores
+
+    chosen = specificity_at_sensitivity(labels, probs, 0.95)
+
+    assert chosen == pytest.approx(_brute_force_specificity(labels, probs, 0.95))
+
+
+def test_specificity_at_sensitivity_keeps_points_on_a_straight_stretch_of_the_curve() -> None:
+    """16 positives on top, then 4 scores each shared by one positive and one negative (a
+    straight diagonal that roc_curve's drop_intermediate thins to its ends), then 16 negatives.
+    19 of 20 positives are reached 3 ties down, with 3 false positives: specificity 17/20."""
+    ties = np.array([0.5, 0.45, 0.4, 0.35])
+    probs = np.concatenate([np.linspace(0.99, 0.6, 16), ties, ties, np.linspace(0.3, 0.01, 16)])
+    labels = np.array([1] * 16 + [1] * 4 + [0] * 4 + [0] * 16)
+
+    assert specificity_at_sensitivity(labels, probs, 0.95) == pytest.approx(17 / 20)
+    assert _brute_force_specificity(labels, probs, 0.95) == pytest.approx(17 / 20)
+
+
+def test_probability_scores_are_those_of_classification_metrics(
+    data: tuple[np.ndarray, np.ndarray],
+) -> None:
+    labels, probs = data
+    scores = probability_scores(labels, probs, BINS)
+    metrics = classification_metrics(labels, probs, 0.5, BINS)
+    assert scores == {name: metrics[name] for name in ("brier", "log_loss", "ece")}
+
+
+# --- fit_temperature -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1 / 3, 1.0, 3.0])
+def test_temperature_undoes_a_known_scaling_of_calibrated_logits(scale: float) -> None:
+    labels, logits = _well_calibrated(20_000, seed=1)
+
+    temperature = fit_temperature(labels, scale * logits)
+
+    assert temperature == pytest.approx(scale, rel=0.05)
+    calibrated = probability_from_logit(scale * logits, temperature)
+    before = expected_calibration_error(labels, probability_from_logit(scale * logits, 1.0), BINS)
+    after = expected_calibration_error(labels, calibrated, BINS)
+    assert after < 0.015
+    if scale != 1.0:
+        assert before > 0.05  # a visibly over- or under-confident model, made honest
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_temperature_minimizes_log_loss_as_a_grid_search_does(seed: int) -> None:
+    labels, logits = _well_calibrated(300, seed)
+    logits = 2.0 * logits + np.random.default_rng(seed).normal(0, 1, logits.size)  # noisy
+    grid = np.exp(np.linspace(np.log(0.1), np.log(10), 4001))  # steps of 0.12%
+    losses = [_mean_log_loss(labels, logits, t) for t in grid]
+    best = grid[int(np.argmin(losses))]
+
+    temperature = fit_temperature(labels, logits)
+
+    assert temperature == pytest.approx(best, rel=3e-3)
+    assert _mean_log_loss(labels, logits, temperature) <= min(losses) + 1e-9
+
+
+def test_temperature_stops_at_its_bounds_on_separable_data() -> None:
+    """Perfectly separated validation logits have no finite optimum: sharper is always better."""
+    labels = np.array([0] * 10 + [1] * 10)
+    logits = np.concatenate([np.linspace(-3, -1, 10), np.linspace(1, 3, 10)])
+    assert fit_temperature(labels, logits) == pytest.approx(TEMPERATURE_BOUNDS[0], rel=1e-3)
+    assert fit_temperature(1 - labels, logits) == pytest.approx(TEMPERATURE_BOUNDS[1], rel=1e-3)
+
+
+def test_temperature_rejects_input_it_cannot_fit() -> None:
+    with pytest.raises(ValueError, match="both classes"):
+        fit_temperature([1, 1, 1], [0.5, 1.0, 2.0])
+    with pytest.raises(ValueError, match="finite"):
+        fit_temperature([0, 1], [0.0, np.inf])
+    with pytest.raises(ValueError, match="2 labels for 3 logits"):
+        fit_temperature([0, 1], [0.0, 1.0, 2.0])
+
+
+def test_probability_from_logit_divides_by_the_temperature() -> None:
+    logits = np.array([-50.0, -2.0, 0.0, 0.7, 3.0, 50.0], dtype=np.float32)
+    for temperature in (0.5, 1.0, 2.5):
+        expected = 1 / (1 + np.exp(-logits.astype(float) / temperature))
+        np.testing.assert_allclose(probability_from_logit(logits, temperature), expected, atol=1e-7)
+    with pytest.raises(ValueError, match="positive"):
+        probability_from_logit(logits, 0.0)
 
 
 # --- choose_threshold ----------------------------------------------------------------------
@@ -482,6 +600,24 @@ def test_save_figures_writes_four_pngs(tmp_path: Path, data: tuple[np.ndarray, n
         with Image.open(path) as image:
             assert image.format == "PNG"
             assert min(image.size) > 100
+
+
+def test_calibration_figure_draws_the_curve_before_calibration(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    labels, probs = data
+    sharper = probability_from_logit(2 * np.log(probs / (1 - probs)), 1.0)  # overconfident
+    tables = curve_tables(labels, probs, 0.5, BINS)
+    before = curve_tables(labels, sharper, 0.5, BINS)["calibration"]
+    metrics = classification_metrics(labels, probs, 0.5, BINS) | {
+        "ece_uncalibrated": expected_calibration_error(labels, sharper, BINS)
+    }
+    save_figures(tmp_path, "test", tables, metrics, probs, 0.5, BINS, uncalibrated=before)
+    save_figures(tmp_path / "plain", "test", tables, metrics, probs, 0.5, BINS)
+    name = "test_calibration.png"
+    with Image.open(tmp_path / name) as drawn, Image.open(tmp_path / "plain" / name) as alone:
+        assert drawn.format == "PNG"
+        assert np.asarray(drawn.convert("L")).tolist() != np.asarray(alone.convert("L")).tolist()
 
 
 def test_save_history_figure_writes_one_png(tmp_path: Path) -> None:

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 
-from cxr.classifier import Classifier
+from cxr.classifier import Classifier, decide
+from cxr.model import ModelCard, create_model, save_model
 from cxr.onnx_model import OnnxClassifier
 from cxr.predict import main as predict
 from cxr.processed import load_split
@@ -47,12 +49,19 @@ def test_onnx_logits_equal_pytorch_on_the_test_split(exported: Path):
     assert onnx_model.card == torch_model.card  # the card and threshold travel in the file
     assert onnx_model.threshold == torch_model.threshold
     assert onnx_model.flip_tta is torch_model.flip_tta is True
+    # the validation-fitted temperature too, and each form divides its own logit by it
+    stored = json.loads((exported / "models/threshold.json").read_text())["temperature"]
+    assert onnx_model.temperature == torch_model.temperature == stored == report["temperature"]
+    assert report["max_abs_probability_difference"] < 1e-5
     assert onnx_model.ood_threshold == torch_model.ood_threshold  # the guard is in the graph
     noise = np.random.default_rng(0).integers(0, 256, test_images[:1].shape, dtype=np.uint8)
     for batch in (test_images[:1], np.concatenate([test_images[:4], noise])):  # dynamic batch
         onnx_answer, torch_answer = onnx_model.assess(batch), torch_model.assess(batch)
         np.testing.assert_allclose(onnx_answer.probability, torch_answer.probability, atol=1e-5)
         np.testing.assert_allclose(onnx_answer.ood_score, torch_answer.ood_score, rtol=1e-4)
+        for answer in (onnx_answer, torch_answer):
+            expected = 1 / (1 + np.exp(-answer.logit.astype(float) / stored))
+            np.testing.assert_allclose(answer.probability, expected, atol=1e-6)
     assert onnx_answer.out_of_distribution[-1] and torch_answer.out_of_distribution[-1]
     onnx_model.flip_tta = False  # the mirrored pass is not a no-op on these images
     unflipped = onnx_model.assess(test_images[:4]).probability
@@ -88,9 +97,36 @@ def test_export_beyond_tolerance_fails_and_keeps_no_file(trained: Path, tmp_path
     set_params(folder, {"export": {"tolerance": 1e-12}})
     result = subprocess.run(
         [sys.executable, "-m", "stages.export", *stage_argv(folder, "export")], cwd=folder,
-        env=tool_env(tmp_path), capture_output=True, text=True,
+        env=tool_env(tmp_path), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 1
     assert "more than export.tolerance (1e-12)" in result.stderr
     assert not [p.name for p in (folder / "models").iterdir() if "onnx" in p.name]
     assert not (folder / "metrics/export.json").exists()
+
+
+def test_the_stored_temperature_divides_the_logit(tmp_path: Path):
+    """threshold.json's temperature reaches every probability the Classifier reports, after
+    flip TTA; a file written before calibration existed means no temperature."""
+    torch.manual_seed(0)
+    card = ModelCard(arch="resnet10t", image_size=32, resize="pad", mean=0.5, std=0.25)
+    save_model(tmp_path / "model.pt", create_model("resnet10t", "none"), card)
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32), dtype=np.uint8)
+    (tmp_path / "threshold.json").write_text('{"threshold": 0.4, "flip_tta": true}')
+    assert Classifier.load(tmp_path / "model.pt").temperature == 1.0
+    (tmp_path / "threshold.json").write_text(
+        '{"threshold": 0.4, "flip_tta": true, "temperature": 2.5}'
+    )
+    classifier = Classifier.load(tmp_path / "model.pt")
+    assert classifier.temperature == 2.5
+    with torch.no_grad():
+        x = classifier.to_tensor(images)
+        logit = ((classifier.model(x) + classifier.model(x.flip(-1))) / 2)[:, 0].double().numpy()
+
+    answer = classifier.assess(images)
+
+    np.testing.assert_allclose(answer.logit, logit, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(answer.probability, 1 / (1 + np.exp(-logit / 2.5)), atol=1e-6)
+    assert np.abs(answer.probability - 1 / (1 + np.exp(-logit))).max() > 1e-3  # T matters here
+    decisions = decide(classifier, images)  # what the CLI, pyfunc and page report
+    assert [d.probability for d in decisions] == pytest.approx(answer.probability.tolist())

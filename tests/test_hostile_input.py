@@ -159,7 +159,9 @@ def test_decoding_a_deep_image_makes_no_float64_frame(tmp_path: Path):
         "def peak(): return int(status.read_text().split('VmHWM:')[1].split()[0]) / 1024\n"
         "before = peak(); load_square(Path(sys.argv[1]), 224, 'pad'); print(peak() - before)"
     )
-    run = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr
     assert float(run.stdout) < 300  # MB; ~130 band by band, ~900 through a float64 frame
 

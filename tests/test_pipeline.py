@@ -15,8 +15,9 @@ from sklearn.metrics import roc_auc_score
 
 from cxr import training
 from cxr.classifier import Classifier, decide
+from cxr.evaluation import choose_threshold, expected_calibration_error, fit_temperature
 from cxr.explain import compute_cams, resolve_target_layer
-from cxr.params import ParamsError
+from cxr.params import ParamsError, load_params
 from cxr.predict import main as predict
 from cxr.processed import load_split
 from stages import gradcam, train
@@ -79,11 +80,54 @@ def test_evaluate_outputs(trained: Path):
         for kind in ("roc", "pr", "calibration", "confusion"):
             assert (trained / f"plots/evaluate/{split}_{kind}.csv").is_file()
             assert (trained / f"plots/evaluate/figures/{split}_{kind}.png").is_file()
+        for key in ("ece", "log_loss", "brier"):  # before and after calibration
+            assert report[split][key] >= 0 and report[split][f"{key}_uncalibrated"] >= 0
+        assert 0 <= report[split]["specificity_at_95_sensitivity"] <= 1
+        before = pd.read_csv(trained / f"plots/evaluate/{split}_calibration_uncalibrated.csv")
+        assert before["count"].sum() == report[split]["n"]
     predictions = pd.read_csv(trained / "data/predictions.csv")
     test = predictions[predictions["split"] == "test"]
     assert len(test) == report["test"]["n"]
     positive = test["probability"] >= threshold["threshold"]
     assert (test["predicted"] == np.where(positive, "PNEUMONIA", "NORMAL")).all()
+
+
+def test_evaluate_calibrates_on_validation_and_reports_before_and_after(trained: Path):
+    """One temperature, fitted on validation logits, stored beside the threshold and applied
+    to what every split reports; ECE and log loss are reported before and after it."""
+    report = json.loads((trained / "metrics/evaluate.json").read_text())
+    stored = json.loads((trained / "models/threshold.json").read_text())
+    assert stored["calibration"] == "temperature"
+    temperature = stored["temperature"]
+    assert report["temperature"] == pytest.approx(temperature, abs=1e-6)
+    classifier = Classifier.load(trained / "models/model.pt")
+    assert classifier.temperature == temperature
+    val = load_split("val", trained / "data/processed")
+    deployed = classifier.assess(np.asarray(val.images))
+    assert temperature == pytest.approx(fit_temperature(val.labels, deployed.logit), rel=1e-4)
+    # the stored threshold is chosen on, and so lives among, the calibrated probabilities
+    settings = load_params(trained / "params.yaml").evaluate
+    expected = choose_threshold(
+        val.labels, deployed.probability, settings.threshold, settings.fixed_threshold,
+        settings.target_sensitivity, settings.youden_tolerance,
+    )  # fmt: skip
+    assert stored["threshold"] == pytest.approx(expected, abs=1e-9)
+    # T = 1 is among the candidates, so the fit cannot make validation log loss worse
+    assert report["val"]["log_loss"] <= report["val"]["log_loss_uncalibrated"] + 1e-5
+
+    predictions = pd.read_csv(trained / "data/predictions.csv")
+    for split in ("val", "test"):
+        rows = predictions[predictions["split"] == split]
+        labels = (rows["label"] == "PNEUMONIA").to_numpy(int)
+        probs = rows["probability"].to_numpy()
+        assert report[split]["ece"] == pytest.approx(
+            expected_calibration_error(labels, probs, 10), abs=1e-4
+        )
+        # undo the temperature: the probabilities before calibration
+        raw = 1 / (1 + np.exp(-temperature * np.log(probs / (1 - probs))))
+        assert report[split]["ece_uncalibrated"] == pytest.approx(
+            expected_calibration_error(labels, raw, 10), abs=1e-4
+        )
 
 
 def test_evaluate_reports_what_the_deployed_model_does(trained: Path):
@@ -99,6 +143,11 @@ def test_evaluate_reports_what_the_deployed_model_does(trained: Path):
     assert report["test"]["refused_n"] == refused.sum()
     accepted = report["test_accepted"]
     assert accepted["n"] == report["test"]["n"] - refused.sum()
+    temperature = json.loads((trained / "models/threshold.json").read_text())["temperature"]
+    np.testing.assert_allclose(
+        deployed.probability, 1 / (1 + np.exp(-deployed.logit.astype(float) / temperature)),
+        atol=1e-6,
+    )  # fmt: skip
     labels, probs = test.labels[~refused], deployed.probability[~refused]
     assert accepted["roc_auc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-5)
     predicted = probs >= classifier.threshold
@@ -215,6 +264,7 @@ def test_threshold_is_chosen_without_reading_test_labels(trained: Path, tmp_path
     before = json.loads((trained / "metrics/evaluate.json").read_text())
     after = json.loads((folder / "metrics/evaluate.json").read_text())
     assert after["threshold"] == before["threshold"]
+    assert after["temperature"] == before["temperature"]
     assert after["val"] == before["val"]
     assert after["test"]["roc_auc"] == pytest.approx(1 - before["test"]["roc_auc"], abs=1e-4)
 
@@ -256,7 +306,7 @@ def test_single_class_validation_split_is_a_clear_error(prepared_project: Path, 
     index.to_csv(index_file, index=False)
     result = subprocess.run(
         [sys.executable, "-m", "stages.train", *stage_argv(folder, "train")], cwd=folder,
-        env=tool_env(tmp_path), capture_output=True, text=True,
+        env=tool_env(tmp_path), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 1
     assert "error: the val split holds only one class (PNEUMONIA)" in result.stderr

@@ -199,20 +199,75 @@ def test_frozen_groups_keep_batchnorm_statistics_in_eval_mode(params: Params):
     assert [p.requires_grad for p in run.model.parameters()].count(True) == 11
 
 
+def _lrs(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> list[list[float]]:
+    """Each group's learning rate at each step."""
+    optimizer, lrs = scheduler.optimizer, []
+    for _ in range(steps):
+        lrs.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
 def test_warmup_rises_linearly_then_cosine_decays_to_min_lr():
     weights = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([weights], lr=1.0)
     scheduler = warmup_cosine(optimizer, warmup_steps=4, total_steps=12, min_lr=0.01)
-    lrs = []
-    for _ in range(12):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    lrs = [lr for (lr,) in _lrs(scheduler, 12)]
     np.testing.assert_allclose(lrs[:5], [0.25, 0.5, 0.75, 1.0, 1.0])
     assert all(a > b for a, b in itertools.pairwise(lrs[4:]))
     np.testing.assert_allclose(optimizer.param_groups[0]["lr"], 0.01)
-    no_warmup = warmup_cosine(torch.optim.SGD([weights], lr=1.0), 0, 12, 0.01)
-    assert isinstance(no_warmup, torch.optim.lr_scheduler.CosineAnnealingLR)
+
+
+def test_without_frozen_steps_the_schedule_is_the_former_linear_then_cosine_one():
+    """freeze_epochs 0 (the demo) trains exactly as before the transfer schedule."""
+    for warmup in (0, 1, 5):
+        ours = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+        former = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+            former, T_max=max(1, 40 - warmup), eta_min=1e-6
+        )
+        reference = cosine
+        if warmup:
+            linear = torch.optim.lr_scheduler.LinearLR(
+                former, start_factor=1 / warmup, total_iters=max(1, warmup - 1)
+            )
+            reference = torch.optim.lr_scheduler.SequentialLR(former, [linear, cosine], [warmup])
+        np.testing.assert_allclose(
+            _lrs(warmup_cosine(ours, warmup, 40, 1e-6), 41), _lrs(reference, 41), rtol=1e-9
+        )
+
+
+def test_the_frozen_phase_trains_the_head_at_head_lr_and_the_schedule_starts_after_it():
+    """A frozen epoch must not spend warm-up and decay: the head learns at a steady head_lr,
+    then the backbone thaws into warm-up and cosine, at its own scaled rate."""
+    model = create_model("resnet10t", "none")
+    groups = training.parameter_groups(model, lr=1e-3, weight_decay=0.05, backbone_lr_scale=0.1)
+    assert [g["head"] for g in groups] == [True, True, False, False]  # the head's group first
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    scheduler = warmup_cosine(
+        optimizer, warmup_steps=2, total_steps=10, min_lr=1e-5, frozen_steps=4, head_lr=5e-3
+    )
+    lrs = np.array(_lrs(scheduler, 10))
+    head, backbone = lrs[:, 0], lrs[:, 2]
+    np.testing.assert_allclose(head[:4], 5e-3)  # constant: no warm-up, no decay while frozen
+    np.testing.assert_allclose(backbone[:4], 5e-5)  # moot while frozen: the rate it thaws into
+    np.testing.assert_allclose(head[4:7], [5e-4, 1e-3, 1e-3])  # warm-up from the thaw
+    np.testing.assert_allclose(backbone[4:], 0.1 * head[4:])
+    assert all(a > b for a, b in itertools.pairwise(head[6:]))
+    np.testing.assert_allclose(optimizer.param_groups[0]["lr"], 1e-5)  # annealed to min_lr
+
+
+def test_head_lr_zero_means_lr_and_the_epoch_logs_the_heads_rate(params: Params):
+    params = replace(params, epochs=3, train={"freeze_epochs": 1, "head_lr": 0.0})
+    run = _run(params)
+    assert run.optimizer.param_groups[0]["lr"] == params.lr
+    lrs = []
+    for epoch in (1, 2):
+        lrs.append(run.optimizer.param_groups[0]["lr"])
+        _epoch(run, _squares(32, seed=3), params, epoch)
+    assert lrs[0] == params.lr  # the whole frozen epoch at lr
+    assert run.optimizer.param_groups[0]["lr"] < params.lr  # decaying after the warm-up
 
 
 def test_augmentation_keeps_shape_and_range_and_can_be_switched_off():
