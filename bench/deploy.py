@@ -9,7 +9,7 @@ and the same uint8 test images from data/processed, normalization included:
 interleaved over rounds (bench/ratios.py); the headlines are (b)/(a) and (d)/(c).
 
 --serve URL then sends 50 requests of one encoded test image each, 4 at a time, to a running
-`mlflow models serve` (README, Deploy) and prints requests/s and the p50/p95 latency next to
+`mlflow models serve` (docs/deploy.md) and prints requests/s and the p50/p95 latency next to
 the bare network's batch-1 forward time measured above, all in one run.
 
 Run from the repository root after `dvc repro`:  .venv/bin/python bench/deploy.py

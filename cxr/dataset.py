@@ -1,4 +1,4 @@
-"""The Kaggle layout and the manifest every data source ends in (see DESIGN.md)."""
+"""The Kaggle layout and the manifest every data source ends in (see docs/design.md)."""
 
 from __future__ import annotations
 

@@ -69,7 +69,7 @@ def relaunch(processes: int, module: str, argv: list[str]) -> NoReturn:
     This process turns into torchrun (exec) rather than waiting on it, so a signal that stops
     the stage (Ctrl-C, DVC, a scheduler) reaches torchrun, which stops its workers. --standalone
     picks a free rendezvous port on localhost, so several runs on one machine do not collide.
-    Across machines, call torchrun yourself (README, "Scaling").
+    Across machines, call torchrun yourself (docs/scaling.md).
     """
     sys.stdout.flush()
     command = [

@@ -97,7 +97,7 @@ def register(
     tags: dict[str, str],
 ) -> ModelVersion:
     """Log the pyfunc into the active run, register it as a new version of `registered_name`
-    and point the `candidate` alias at it; `champion` is left to a person (README, Deploy).
+    and point the `candidate` alias at it; `champion` is left to a person (docs/deploy.md).
 
     Requirements are pinned from this environment instead of inferred, which would load the
     model once more in a subprocess on every evaluation.

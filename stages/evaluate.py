@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.log_metrics({"threshold": threshold, "temperature": temperature, **flat})
         for figure in figures:
             mlflow.log_artifact(str(figure), artifact_path="evaluation")
-        # The deployable model, registered once its threshold is known (README, Deploy).
+        # The deployable model, registered once its threshold is known (docs/deploy.md).
         version = serving.register(
             args.model,
             args.threshold,

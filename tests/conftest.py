@@ -100,7 +100,7 @@ def sh(
 
     Its output goes to files, not pipes. `dvc queue start` forks a process per queue worker
     that keeps the command's stdout and stderr open for as long as the worker lives, and a
-    worker can outlive its queue (README, Scaling): reading a pipe waits until every holder
+    worker can outlive its queue (docs/scaling.md): reading a pipe waits until every holder
     closes it, which can be never, while a file is read once the command itself has exited.
     The command runs in a session of its own, so an overrun kills it with its children.
     """

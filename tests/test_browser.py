@@ -2,7 +2,7 @@
 installs; nothing is downloaded): upload an X-ray and read the probability and heatmap, drop a
 non-X-ray and see the warning, and upload bad files and see why they were refused.
 
-Screenshots go to $CXR_SCREENSHOTS when set (the README's come from
+Screenshots go to $CXR_SCREENSHOTS when set (those in docs/page-and-guard.md come from
 `CXR_WEB_MODEL=models/model.pt CXR_WEB_XRAY=<a real X-ray> CXR_SCREENSHOTS=docs pytest
 tests/test_browser.py`), else to the test's temporary folder.
 """

@@ -291,7 +291,7 @@ def _stop_queue_workers(repo: tuple[Path, dict[str, str]], grace_s: float = 120)
 
 @pytest.fixture
 def tracking_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """`mlflow server` as the README starts it for a team, on a free loopback port: runs in a
+    """`mlflow server` as docs/scaling.md starts it for a team, on a free loopback port: runs in a
     SQL database, artifacts stored by the server and served through it."""
     store = tmp_path / "mlflow-server"
     store.mkdir()

@@ -24,7 +24,7 @@ from cxr.predict import main as predict
 from tests.conftest import REPO, free_port, run_stage, serve, sh, tool_env
 
 NAME = "chest-xray-pneumonia"  # params.yaml mlflow.registered_model
-# README, Deploy: the call a user types, with its port and file filled in.
+# docs/deploy.md: the call a user types, with its port and file filled in.
 CURL = (
     """printf '{"dataframe_split": {"columns": ["image"], "data": [["%s"]]}}' """
     """"$(base64 -w0 FILE)" | curl -s URL/invocations -H 'Content-Type: application/json' -d @-"""

@@ -1,4 +1,4 @@
-"""The memory arithmetic of README "Scaling": uint8 bytes per split of the chest X-ray datasets
+"""The memory arithmetic of docs/scaling.md: uint8 bytes per split of the chest X-ray datasets
 people move to after Kermany, and whether the train stage holds them on one GPU or streams them.
 
 The train stage holds train + val on the device when their bytes fit in the memory budget
