@@ -18,8 +18,8 @@ from torch import nn
 
 from cxr.device import autocast_dtype, memory_format, pick_device
 from cxr.model import create_model
-from cxr.params import Params, ParamsError, load_params
-from cxr.training import Numerics, Run, create_run, train_step
+from cxr.params import ParamsError, load_params
+from cxr.training import Numerics, Params, Run, create_run, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ class Setup:
 
 def prepare(args: argparse.Namespace, mean: float, std: float) -> Setup:
     """A fresh model and run as the train stage makes them, never frozen, on --device."""
-    params = load_params(args.params)
+    params = load_params(Params, args.params)
     params = params.model_copy(
         update={
             "image_size": args.size,

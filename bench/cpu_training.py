@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from bare_step import BareStep, Setup, arguments, describe, parse, prepare, sync
 from ratios import interleave, ratio_table
 
-from cxr.training import DeviceData, predict_logits, train_one_epoch
+from cxr.batches import DeviceData
+from cxr.training import predict_logits, train_groups_of_epoch, train_one_epoch
 
 
 def variant(
@@ -86,6 +87,7 @@ def profile(setup: Setup, batches: int) -> None:
         torch.randint(0, 256, (n, p.image_size, p.image_size), generator=generator).byte(),
         (torch.rand(n, generator=generator) < 0.75).float(),
     )
+    train_groups_of_epoch(setup.run, p.epochs, p.train)
     train_one_epoch(setup.run, data, p, setup.numerics, setup.loss_fn, epoch=p.epochs)  # warm-up
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         train_one_epoch(setup.run, data, p, setup.numerics, setup.loss_fn, epoch=p.epochs)

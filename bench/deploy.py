@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from ratios import interleave, ratio_table
 
 from cxr.classifier import Classifier
-from cxr.onnx_model import OnnxClassifier
+from cxr.onnx_model import load_onnx
 from cxr.processed import load_split
 from cxr.serving import encode_png
 
@@ -77,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch_model = Classifier.load(args.models / "model.pt")
-    onnx_model = OnnxClassifier(args.models / "model.onnx")
+    onnx_model = load_onnx(args.models / "model.onnx")
     images = np.asarray(load_split("test", args.processed).images)
     print(
         f"{torch_model.card.arch}, {torch_model.card.image_size} px, {len(images)} test images, "

@@ -1,7 +1,7 @@
 """Preprocessing speed: the preprocess stage's decoder vs. a plain PIL loop, on the same JPEGs.
 
 What it measures, in images per second over the same files:
-  (a) our path: `cxr.processed.decode_all(root, paths, size, "pad", workers)` with one worker
+  (a) our path: `cxr.preprocessing.decode_all(root, paths, size, "pad", workers)` with one worker
       process per CPU core, as the preprocess stage runs it with `runtime.workers: 0` (pool
       start-up included, as the stage pays it);
   (b) our path in one process (workers=1): JPEG draft mode without the parallelism;
@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
 
 from ratios import ratio_table  # noqa: E402  (bench/ is the script's folder)
 
-from cxr import processed  # noqa: E402
+from cxr import preprocessing  # noqa: E402
 from cxr.demo import generate_demo_dataset  # noqa: E402
 from cxr.images import image_size  # noqa: E402
 
@@ -85,7 +85,7 @@ def plain_pil(root: Path, paths: list[str], size: int) -> list[np.ndarray]:
 
 
 def ours(root: Path, paths: list[str], size: int, workers: int) -> list[np.ndarray]:
-    decoded = processed.decode_all(root, paths, size, "pad", workers)
+    decoded = preprocessing.decode_all(root, paths, size, "pad", workers)
     failed = [d.error for d in decoded if d.pixels is None]
     if failed:
         raise SystemExit(f"decode_all rejected {len(failed)} file(s), e.g. {failed[0]}")
@@ -122,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
 
     # decode_all's progress bar would interleave with the table.
-    processed.tqdm = partial(tqdm, disable=True)
+    preprocessing.tqdm = partial(tqdm, disable=True)
 
     with tempfile.TemporaryDirectory(prefix="preprocess_bench_") as tmp:
         if args.local:
@@ -194,7 +194,7 @@ def run_bench(root: Path, paths: list[str], origin: str, args: argparse.Namespac
 
     rate = {name: args.rounds * len(paths) / seconds[name] for name in names}
     started = time.perf_counter()
-    processed.decode_all(root, [], args.size, "pad", args.workers)
+    preprocessing.decode_all(root, [], args.size, "pad", args.workers)
     pool_ms = 1000 * (time.perf_counter() - started)
     print(f"\n{len(paths)} images x {args.rounds} rounds, same files, interleaved")
     ratio = ratio_table(names, rate, per_round, names[2])

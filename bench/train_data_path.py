@@ -39,8 +39,9 @@ from bare_step import ROOT, BareStep, Setup, arguments, describe, parse, prepare
 from ratios import interleave, ratio_table
 
 from cxr import training
+from cxr.batches import DeviceData, StreamedData
 from cxr.processed import load_split, load_stats
-from cxr.training import DeviceData, StreamedData, train_one_epoch
+from cxr.training import train_groups_of_epoch, train_one_epoch
 
 
 def training_images(folder: Path, size: int) -> tuple[np.ndarray, np.ndarray, float, float, str]:
@@ -84,6 +85,7 @@ class OurLoop:
         data = self.data(np.arange(steps * s.params.batch_size) % len(self.images))
         sync(s.numerics.device)
         self.epoch += 1
+        train_groups_of_epoch(s.run, self.epoch, s.params.train)
         started = time.perf_counter()
         train_one_epoch(s.run, data, s.params, s.numerics, s.loss_fn, self.epoch)
         return time.perf_counter() - started  # its closing loss.item() waited for the device

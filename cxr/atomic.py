@@ -1,4 +1,5 @@
-"""All-or-nothing writes, so an interrupted stage never leaves an output that looks complete.
+"""Files: written all or nothing, so an interrupted stage never leaves an output that looks
+complete, and known by their content.
 
 Each output is built under a temporary sibling name and renamed into place only once it is
 whole; a rename within one folder is atomic on POSIX file systems.
@@ -6,6 +7,7 @@ whole; a rename within one folder is atomic on POSIX file systems.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -42,6 +44,20 @@ def write_json(target: Path | str, data: Any) -> None:
 def write_csv(target: Path | str, table: pd.DataFrame) -> None:
     with atomic_path(target) as tmp:
         table.to_csv(tmp, index=False)
+
+
+def write_png(target: Path | str, figure: Any, dpi: int, bbox_inches: str | None = None) -> None:
+    """A matplotlib figure as a PNG."""
+    with atomic_path(target) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi, bbox_inches=bbox_inches)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _remove(path: Path) -> None:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
 import pandas as pd
 
+from cxr.atomic import sha256_of
+from cxr.classes import CLASSES
 from cxr.images import ImageDecodeError, image_size
 
-CLASSES = ("NORMAL", "PNEUMONIA")  # index = label: 1 is the positive class
 OFFICIAL_SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 MANIFEST_COLUMNS = [
@@ -32,14 +32,6 @@ def patient_id(file_name: str) -> str:
         if match:
             return match.group(1)
     return Path(file_name).stem
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def build_manifest(root: Path) -> pd.DataFrame:

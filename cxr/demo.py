@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cxr.dataset import CLASSES
+from cxr.classes import CLASSES
 
 MIN_PATIENTS = 8  # two val patients per class plus one train and one test patient per class
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Iterable
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
+from pydantic import Field
 from scipy.optimize import minimize_scalar
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
@@ -33,7 +35,20 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from cxr.dataset import CLASSES
+from cxr.classes import CLASSES
+from cxr.params import Count, Section
+
+
+class EvaluateParams(Section):
+    flip_tta: bool
+    calibration: Literal["temperature", "none"]
+    threshold: Literal["fixed", "youden", "youden_middle", "sensitivity"]
+    youden_tolerance: Annotated[float, Field(ge=0, le=0.5)]
+    fixed_threshold: Annotated[float, Field(ge=0, le=1)]
+    target_sensitivity: Annotated[float, Field(gt=0, le=1)]
+    bootstrap: Count
+    calibration_bins: Annotated[int, Field(ge=2)]
+
 
 DIGITS = 5
 # The range searched for a temperature. A validation set the network separates perfectly has

@@ -14,9 +14,11 @@ import copy
 import difflib
 import warnings
 from collections.abc import Callable
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from pytorch_grad_cam import (
     EigenCAM,
     GradCAM,
@@ -31,6 +33,8 @@ from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 from scipy.stats import spearmanr
 from torch import nn
 
+from cxr.params import Section
+
 CAM_METHODS: dict[str, type] = {
     "gradcam": GradCAM,
     "gradcam++": GradCAMPlusPlus,
@@ -42,6 +46,14 @@ CAM_METHODS: dict[str, type] = {
 
 Box = tuple[int, int, int, int]
 
+
+class GradcamParams(Section):
+    method: Literal["gradcam", "gradcam++", "hirescam", "eigencam", "xgradcam", "layercam"]
+    target_layer: str  # "" = the last feature block
+    per_outcome: Annotated[int, Field(ge=1)]
+    score_images: Annotated[int, Field(ge=2)]
+
+
 # Share of pixels kept by each ROAD step; the package removes the rest, so 20..80 spans
 # "remove 80 %" to "remove 20 %" of the most (or least) relevant pixels.
 ROAD_PERCENTILES = (20, 40, 60, 80)
@@ -49,35 +61,6 @@ ROAD_PERCENTILES = (20, 40, 60, 80)
 ROAD_SEED = 0
 # Images per forward pass in faithfulness, to bound memory like compute_cams does.
 METRIC_BATCH = 16
-
-
-def scoring_sample(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """Sorted row indices of `count` images (all if fewer) to score the maps on, seeded.
-
-    Rows are drawn without replacement within each class, in proportion to class frequency
-    (largest remainders get the rows that rounding down leaves), and every class present gets at
-    least one row when `count` allows: split files are ordered by class, so the first rows would
-    score one class only, and maps of NORMAL images say nothing about finding pneumonia.
-    """
-    labels = np.asarray(labels).ravel()
-    if count < 0:
-        raise ValueError(f"cannot sample {count} rows")
-    if count >= labels.size:
-        return np.arange(labels.size)
-    classes, class_of, sizes = np.unique(labels, return_inverse=True, return_counts=True)
-    quotas = count * sizes / labels.size
-    taken = np.floor(quotas).astype(int)
-    taken[np.argsort(taken - quotas, kind="stable")[: count - taken.sum()]] += 1
-    if count >= classes.size:
-        for missing in np.flatnonzero(taken == 0):  # from the largest class, which has >= 2
-            taken[np.argmax(taken)] -= 1
-            taken[missing] = 1
-    rng = np.random.default_rng(seed)
-    rows = [
-        rng.choice(np.flatnonzero(class_of == c), size=k, replace=False)
-        for c, k in enumerate(taken)
-    ]
-    return np.sort(np.concatenate(rows))
 
 
 def _pneumonia_targets(count: int) -> list[BinaryClassifierOutputTarget]:

@@ -29,14 +29,23 @@ the network, so the CLI, the MLflow model, the page and the ONNX file compute it
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import Field
 from sklearn.covariance import LedoitWolf
 from sklearn.model_selection import StratifiedGroupKFold
 from torch import nn
 
 from cxr.atomic import atomic_path
+from cxr.model import normalize
+from cxr.params import Section
+
+
+class GuardParams(Section):
+    quantile: Annotated[float, Field(ge=0.5, lt=1)]  # threshold: this quantile of validation's
+    ood_images: Annotated[int, Field(ge=2)]  # images of each kind in the set that measures it
 
 
 def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list]:
@@ -106,14 +115,17 @@ class Guard(nn.Module):
 
 
 class GuardedNetwork(nn.Module):
-    """The network and its guard in one graph: image in, (logits, guard scores) out."""
+    """The network and its guard in one graph: uint8 pixels (N, 1, H, W) in, normalized with
+    the card's mean and std by `cxr.model.normalize` as in training, (logits, guard scores)
+    out. The ONNX file holds this graph, so a runtime feeds it decoded images as they are and
+    has no normalization of its own to get wrong."""
 
-    def __init__(self, model: nn.Module, guard: Guard) -> None:
+    def __init__(self, model: nn.Module, guard: Guard, mean: float, std: float) -> None:
         super().__init__()
-        self.model, self.guard = model, guard
+        self.model, self.guard, self.mean, self.std = model, guard, mean, std
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, features = forward_with_features(self.model, x)
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features = forward_with_features(self.model, normalize(pixels, self.mean, self.std))
         return logits, self.guard(features)
 
 

@@ -11,15 +11,16 @@ import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import timm
 import torch
+from pydantic import Field
 from torch import nn
 
-from cxr.atomic import atomic_path
-from cxr.dataset import CLASSES, sha256_of
-from cxr.images import Intensity, ResizeMode
-from cxr.params import ParamsError
+from cxr.atomic import atomic_path, sha256_of
+from cxr.classes import CLASSES
+from cxr.params import ParamsError, Section
 
 
 def create_model(arch: str, pretrained: str, drop_rate: float = 0.0) -> nn.Module:
@@ -86,16 +87,25 @@ def _classifier_names(model: nn.Module) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
+class ModelParams(Section):
+    arch: str  # any timm architecture name
+    pretrained: str  # none | imagenet | efficientnet-lite0|1|2 | a file (cxr/pretrained.py)
+    pretrained_sha256: str  # pins a weights file given by path; "" = not checked
+    normalize: Literal["dataset", "backbone"]  # whose input statistics (input_statistics)
+    drop_rate: Annotated[float, Field(ge=0, le=0.9)]
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """What a saved model needs to turn a new X-ray file into a probability."""
 
     arch: str
     image_size: int
-    resize: ResizeMode
+    # How the pixels were made: cxr.images' ResizeMode and Intensity, as load_square takes them.
+    resize: str
     mean: float
     std: float
-    intensity: Intensity = "raw"
+    intensity: str = "raw"
     class_names: tuple[str, ...] = CLASSES
     mlflow_run_id: str = ""
     # The weights training started from (models/pretrained.safetensors, made by the pretrained
@@ -202,6 +212,12 @@ def save_model(path: Path, model: nn.Module, card: ModelCard) -> None:
         torch.save({"card": asdict(card), "state_dict": state}, tmp)
 
 
-def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """uint8 (N, H, W) on any device to normalized float (N, 1, H, W)."""
-    return ((images.float() / 255.0 - mean) / std).unsqueeze(1)
+def normalize(pixels: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """The network's input from pixel values on the uint8 scale (uint8, or floats from 0 to
+    255), of any shape, on any device: (pixels / 255 - mean) / std, with the card's mean and
+    std (on the [0, 1] scale).
+
+    The one normalization: training, the PyTorch classifier and the exported ONNX graph all
+    call it, so a model never sees at inference an input scaled unlike its training batches.
+    """
+    return (pixels.float() / 255.0 - mean) / std

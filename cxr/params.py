@@ -1,9 +1,16 @@
-"""Typed, validated access to params.yaml.
+"""Typed, validated access to params.yaml: the loader, and the settings every stage shares.
 
 `dvc exp run -S lr=1e-5` writes YAML 1.2 spellings such as `1e-05`, which PyYAML (YAML 1.1)
 reads back as the *string* "1e-05". pydantic's lax mode turns such strings into the declared
-type, and every key is checked before a stage does any work: an unknown key, a missing key, a
-wrong type or an out-of-range value stops the run with a message naming the key.
+type; an unknown key, a missing key, a wrong type or an out-of-range value stops the run with
+a message naming the key.
+
+Each section's schema lives beside the code it configures (`DataParams` in `cxr.sources`,
+`TrainParams` in `cxr.training`, ...) and each stage states the sections it reads in a
+`StageParams` of its own, so a stage's code deps in dvc.yaml hold only the schemas it reads:
+adding a Grad-CAM option does not make DVC retrain the network. The `validate` stage, first in
+the pipeline, checks the whole file (every key known, every value valid) before any stage
+works.
 
 Two kinds of settings live in the file. The sections a stage declares in dvc.yaml change what
 it computes. `runtime` and `mlflow` only change how or where the work runs (device, threads,
@@ -13,10 +20,10 @@ resume, tracking server): no stage declares them, so changing them never makes a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PARAMS_FILE = Path("params.yaml")
 # Sections that do not change any result; tests/test_contracts.py keeps them out of dvc.yaml.
@@ -25,6 +32,12 @@ RUN_ONLY_SECTIONS = ("runtime", "mlflow")
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
 Count = Annotated[int, Field(ge=0)]
+# The top-level knobs, read by several stages (`dvc exp run -S lr=1e-5` works as typed).
+Seed = Count
+ImageSize = Annotated[int, Field(ge=16, le=1024)]
+LearningRate = Annotated[float, Field(gt=0, le=1)]
+Epochs = Annotated[int, Field(ge=1)]
+BatchSize = Annotated[int, Field(ge=1)]
 
 
 class ParamsError(ValueError):
@@ -34,92 +47,6 @@ class ParamsError(ValueError):
 class Section(BaseModel):
     # Lax parsing ("1e-05" -> 1e-05, "false" -> False), no unknown keys, no mutation.
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
-
-
-class DataParams(Section):
-    source: Literal["demo", "kaggle", "url", "local"]
-    demo_patients: Annotated[int, Field(ge=8)]
-    demo_seed: Count
-    demo_min_side: Annotated[int, Field(ge=32)]
-    demo_max_side: Annotated[int, Field(ge=32)]
-    local_path: str
-    url: str
-    url_sha256: str
-    kaggle_dataset: str
-
-
-class SplitParams(Section):
-    val_fraction: Annotated[float, Field(gt=0, le=0.5)]
-    seed: Count
-    drop_test_patient_overlap: bool
-
-
-class PreprocessParams(Section):
-    resize: Literal["pad", "crop", "stretch"]
-    intensity: Literal["raw", "equalize"]
-
-
-class ModelParams(Section):
-    arch: str
-    pretrained: str  # none | imagenet | efficientnet-lite0|1|2 | a file (cxr/pretrained.py)
-    pretrained_sha256: str  # pins a weights file given by path; "" = not checked
-    normalize: Literal["dataset", "backbone"]  # whose input statistics (cxr.model)
-    drop_rate: Annotated[float, Field(ge=0, le=0.9)]
-
-
-class AugmentParams(Section):
-    rotation_deg: Annotated[float, Field(ge=0, le=45)]
-    zoom: Annotated[float, Field(ge=0, le=0.5)]
-    translate: Annotated[float, Field(ge=0, le=0.3)]
-    hflip: bool
-    brightness: Annotated[float, Field(ge=0, le=0.5)]
-    contrast: Annotated[float, Field(ge=0, le=0.5)]
-
-
-class TrainParams(Section):
-    freeze_epochs: Count
-    head_lr: NonNegative  # the frozen epochs' constant learning rate; 0 = lr
-    backbone_lr_scale: Annotated[float, Field(gt=0, le=1)]  # backbone lr = lr * this
-    unfreeze: Literal["all", "progressive"]
-    warmup_epochs: Count
-    min_lr: NonNegative
-    weight_decay: NonNegative
-    imbalance: Literal["pos_weight", "sampler", "none"]
-    patience: Annotated[int, Field(ge=1)]
-    monitor: Literal["auc", "loss"]
-    label_smoothing: Annotated[float, Field(ge=0, le=0.4)]
-    ema_decay: Annotated[float, Field(ge=0, lt=1)]
-    sync_batchnorm: bool
-    precision: Literal["auto", "bf16", "fp16", "fp32"]
-    augment: AugmentParams
-
-
-class EvaluateParams(Section):
-    flip_tta: bool
-    calibration: Literal["temperature", "none"]
-    threshold: Literal["fixed", "youden", "youden_middle", "sensitivity"]
-    youden_tolerance: Annotated[float, Field(ge=0, le=0.5)]
-    fixed_threshold: Annotated[float, Field(ge=0, le=1)]
-    target_sensitivity: Annotated[float, Field(gt=0, le=1)]
-    bootstrap: Count
-    calibration_bins: Annotated[int, Field(ge=2)]
-
-
-class GradcamParams(Section):
-    method: Literal["gradcam", "gradcam++", "hirescam", "eigencam", "xgradcam", "layercam"]
-    target_layer: str
-    per_outcome: Annotated[int, Field(ge=1)]
-    score_images: Annotated[int, Field(ge=2)]
-
-
-class GuardParams(Section):
-    quantile: Annotated[float, Field(ge=0.5, lt=1)]
-    ood_images: Annotated[int, Field(ge=2)]
-
-
-class ExportParams(Section):
-    opset: Annotated[int, Field(ge=18)]  # the oldest opset torch's ONNX exporter targets
-    tolerance: Annotated[float, Field(gt=0)]
 
 
 class RuntimeParams(Section):
@@ -139,39 +66,21 @@ class MlflowParams(Section):
     registered_model: Annotated[str, Field(min_length=1)]
 
 
-class Params(Section):
-    seed: Count
-    image_size: Annotated[int, Field(ge=16, le=1024)]
-    lr: Annotated[float, Field(gt=0, le=1)]
-    epochs: Annotated[int, Field(ge=1)]
-    batch_size: Annotated[int, Field(ge=1)]
-    data: DataParams
-    split: SplitParams
-    preprocess: PreprocessParams
-    model: ModelParams
-    train: TrainParams
-    guard: GuardParams
-    evaluate: EvaluateParams
-    gradcam: GradcamParams
-    export: ExportParams
+class StageParams(Section):
+    """The settings one stage reads: its sections in full (unknown keys inside them are
+    errors), other stages' sections ignored (the validate stage checks those)."""
+
+    model_config = ConfigDict(extra="ignore")
     runtime: RuntimeParams
     mlflow: MlflowParams
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Params:
-        if self.data.demo_min_side > self.data.demo_max_side:
-            raise ValueError("data.demo_min_side must not exceed data.demo_max_side")
-        if self.train.freeze_epochs > self.epochs:
-            raise ValueError("train.freeze_epochs must not exceed epochs")
-        if self.runtime.processes > self.batch_size:
-            raise ValueError("runtime.processes must not exceed batch_size (each takes rows)")
-        if self.data.source == "url" and not (self.data.url and self.data.url_sha256):
-            raise ValueError("data.source=url needs data.url and data.url_sha256")
-        return self
+
+Schema = TypeVar("Schema", bound=BaseModel)
 
 
-def load_params(path: Path | str = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml; raise ParamsError naming every offending key."""
+def load_params(schema: type[Schema], path: Path | str = PARAMS_FILE) -> Schema:
+    """Read params.yaml and validate it against `schema`; raise ParamsError naming every
+    offending key."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -180,7 +89,7 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {err}") from None
     try:
-        return Params.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as err:
         raise ParamsError(f"{path}: " + "; ".join(map(_describe, err.errors()))) from None
 
@@ -192,7 +101,7 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     message = error["msg"].removeprefix("Value error, ")
-    if not key:  # a check across keys: the message names them
+    if not key or isinstance(error["input"], dict):  # a check across keys names them
         return message
     return f"{key}: {message}, got {error['input']!r}"
 

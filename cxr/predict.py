@@ -21,7 +21,7 @@ from cxr.dataset import IMAGE_SUFFIXES
 from cxr.explain import CAM_METHODS, compute_cams, resolve_target_layer
 from cxr.figures import save_panel
 from cxr.images import ImageDecodeError
-from cxr.onnx_model import OnnxClassifier
+from cxr.onnx_model import load_onnx
 
 OVERLAY_SUFFIX = "_gradcam.png"
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: model file {args.model} not found (run `dvc repro` first)", file=sys.stderr)
         return 2
     if args.backend == "onnx":
-        classifier = OnnxClassifier(args.model)
+        classifier = load_onnx(args.model)
         args.no_cam = True  # Grad-CAM needs the network's gradients, which the graph does not keep
     else:
         classifier = Classifier.load(args.model)

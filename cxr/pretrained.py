@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from timm.models import adapt_input_conv
 from torch import nn
 
-from cxr.dataset import sha256_of
+from cxr.atomic import sha256_of
 from cxr.model import PretrainedWeights, _classifier_names, create_model
 from cxr.params import ParamsError
 

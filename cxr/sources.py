@@ -21,11 +21,15 @@ import zipfile
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from cxr.dataset import CLASSES, IMAGE_SUFFIXES, sha256_of
+from cxr.atomic import sha256_of
+from cxr.classes import CLASSES
+from cxr.dataset import IMAGE_SUFFIXES
+from cxr.params import Count, Section
 
 SPLITS = ("train", "val", "test")
 REQUIRED_SPLITS = ("train", "test")  # the Mendeley release ships no val/
@@ -40,6 +44,26 @@ LAYOUT_HINT = (
     "expected a folder holding train/ and test/ (val/ optional), each with NORMAL/ and "
     "PNEUMONIA/ folders of .jpeg/.jpg/.png images"
 )
+
+
+class DataParams(Section):
+    source: Literal["demo", "kaggle", "url", "local"]
+    demo_patients: Annotated[int, Field(ge=8)]
+    demo_seed: Count
+    demo_min_side: Annotated[int, Field(ge=32)]
+    demo_max_side: Annotated[int, Field(ge=32)]
+    local_path: str
+    url: str
+    url_sha256: str
+    kaggle_dataset: str
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataParams:
+        if self.demo_min_side > self.demo_max_side:
+            raise ValueError("data.demo_min_side must not exceed data.demo_max_side")
+        if self.source == "url" and not (self.url and self.url_sha256):
+            raise ValueError("data.source=url needs data.url and data.url_sha256")
+        return self
 
 
 class SourceError(RuntimeError):

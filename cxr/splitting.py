@@ -7,11 +7,22 @@ image appears on both sides; the official test set is kept as the test set.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import pandas as pd
+from pydantic import Field
 from sklearn.model_selection import StratifiedGroupKFold
 
+from cxr.params import Count, Section
+
 SPLIT_COLUMNS = ["path", "label", "patient_id", "sha256", "split", "reason"]
+
+
+class SplitParams(Section):
+    val_fraction: Annotated[float, Field(gt=0, le=0.5)]
+    seed: Count
+    drop_test_patient_overlap: bool
 
 
 def connected_groups(patients: pd.Series, hashes: pd.Series) -> np.ndarray:

@@ -21,15 +21,19 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import torch
 import yaml
 from filelock import FileLock
 from mlflow.entities import LifecycleStage, Run
 from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import (
     RESOURCE_ALREADY_EXISTS,
     RESOURCE_DOES_NOT_EXIST,
     ErrorCode,
 )
+from torch import nn
 
 from cxr.stage import project_root
 
@@ -194,6 +198,21 @@ def data_hashes(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
             if out["path"].startswith("data/") and "md5" in out:
                 hashes[f"dvc.md5.{out['path']}"] = out["md5"]
     return hashes
+
+
+def log_pytorch_model(model: nn.Module, image_size: int) -> None:
+    """The best model as an MLflow PyTorch model, with its input/output signature."""
+    model = model.cpu().eval().to(memory_format=torch.contiguous_format)
+    example = np.zeros((1, 1, image_size, image_size), dtype=np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=infer_signature(example, output),
+        input_example=example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm"],
+    )
 
 
 def log_params(params: Mapping[str, object]) -> None:

@@ -1,91 +1,92 @@
-"""The training loop, as free functions that take the objects they use.
+"""The training loop, as free functions that take the objects they use: one optimizer step,
+one epoch, validation, and `fit`, which runs the epochs, keeps the best one and stops early.
 
-The preprocessed training set sits on the training device as uint8 when it fits there
-(`DeviceData`), else batches stream from the memory-mapped arrays (`StreamedData`); either way
-each batch is augmented and normalized on the device, so the accelerator never waits on
-CPU-side image decoding or per-sample Python transforms. Under torchrun every process follows
-the same batch order and trains on its share of each batch (cxr/distributed.py).
+Its pieces live beside it: feeding batches (cxr/batches.py), augmenting them on the device
+(cxr/augment.py), what trains when and at what rate (cxr/schedule.py), and the checkpoint an
+interrupted run resumes from (cxr/checkpoint.py).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from sklearn.metrics import roc_auc_score
-from timm.models import group_parameters
+from timm.layers import convert_sync_batchnorm
 from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from cxr.atomic import atomic_path
+from cxr.augment import AugmentParams, augment
+from cxr.batches import TrainingData, batch_order
 from cxr.device import grad_scaler
 from cxr.distributed import ONE_PROCESS, Ranks
-from cxr.params import AugmentParams, Params
-
-Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images (B, H, W), float labels (B,)
-
-
-@dataclass
-class DeviceData:
-    """A split held on the training device: uint8 images (N, H, W) and float labels (N,)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    @classmethod
-    def from_arrays(cls, images: np.ndarray, labels: np.ndarray, device: torch.device):
-        return cls(
-            torch.from_numpy(np.array(images, dtype=np.uint8)).to(device),
-            torch.from_numpy(labels.astype(np.float32)).to(device),
-        )
-
-    def batches(self, order: list[torch.Tensor]) -> Iterator[Batch]:
-        for index in order:
-            index = index.to(self.labels.device, non_blocking=True)
-            yield self.images[index], self.labels[index]
+from cxr.model import ModelParams, PretrainedWeights, create_model, load_pretrained, normalize
+from cxr.params import (
+    BatchSize,
+    Count,
+    Epochs,
+    LearningRate,
+    NonNegative,
+    ParamsError,
+    Section,
+    Seed,
+    StageParams,
+)
+from cxr.schedule import (
+    Schedule,
+    first_trainable_group,
+    layer_groups,
+    parameter_groups,
+    set_trainable,
+)
 
 
-@dataclass
-class StreamedData:
-    """A split too large for the device: images stay in the memory-mapped array and each
-    batch is gathered on the CPU while the previous one trains (one batch of prefetch), into
-    pinned memory on CUDA so the copy to the GPU is asynchronous."""
-
-    images: np.ndarray  # (N, H, W) uint8, memory-mapped
-    labels: torch.Tensor  # (N,) float, on the device: small
-
-    @classmethod
-    def from_arrays(cls, images: np.ndarray, labels: np.ndarray, device: torch.device):
-        return cls(images, torch.from_numpy(labels.astype(np.float32)).to(device))
-
-    def _gather(self, index: torch.Tensor) -> torch.Tensor:
-        rows = torch.from_numpy(self.images[index.numpy()])
-        return rows.pin_memory() if self.labels.is_cuda else rows
-
-    def batches(self, order: list[torch.Tensor]) -> Iterator[Batch]:
-        device = self.labels.device
-        with ThreadPoolExecutor(max_workers=1) as prefetch:
-            pending = prefetch.submit(self._gather, order[0]) if order else None
-            for step, index in enumerate(order):
-                rows = pending.result()
-                if step + 1 < len(order):
-                    pending = prefetch.submit(self._gather, order[step + 1])
-                yield rows.to(device, non_blocking=True), self.labels[index.to(device)]
+class TrainParams(Section):
+    freeze_epochs: Count
+    head_lr: NonNegative  # the frozen epochs' constant learning rate; 0 = lr
+    backbone_lr_scale: Annotated[float, Field(gt=0, le=1)]  # backbone lr = lr * this
+    unfreeze: Literal["all", "progressive"]
+    warmup_epochs: Count
+    min_lr: NonNegative
+    weight_decay: NonNegative
+    imbalance: Literal["pos_weight", "sampler", "none"]
+    patience: Annotated[int, Field(ge=1)]
+    monitor: Literal["auc", "loss"]
+    label_smoothing: Annotated[float, Field(ge=0, le=0.4)]
+    ema_decay: Annotated[float, Field(ge=0, lt=1)]
+    sync_batchnorm: bool
+    precision: Literal["auto", "bf16", "fp16", "fp32"]
+    augment: AugmentParams
 
 
-TrainingData = DeviceData | StreamedData
+class Params(StageParams):
+    """What the train stage reads from params.yaml."""
+
+    seed: Seed
+    lr: LearningRate
+    epochs: Epochs
+    batch_size: BatchSize
+    model: ModelParams
+    train: TrainParams
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
+        if self.train.freeze_epochs > self.epochs:
+            raise ValueError("train.freeze_epochs must not exceed epochs")
+        if self.runtime.processes > self.batch_size:
+            raise ValueError("runtime.processes must not exceed batch_size (each takes rows)")
+        return self
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,10 @@ class Numerics:
     mean: float  # training-set pixel statistics, on the [0, 1] scale
     std: float
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 1] floats (B, 1, H, W) to the network's input."""
-        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixel values (B, 1, H, W) on the uint8 scale to the network's input, normalized as
+        every deployed form normalizes (`cxr.model.normalize`) and laid out for the device."""
+        return normalize(pixels, self.mean, self.std).contiguous(memory_format=self.memory_format)
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
@@ -112,7 +114,7 @@ class Run:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: Schedule
     ema: AveragedModel | None
     scaler: torch.amp.GradScaler | None
     order_rng: torch.Generator
@@ -144,7 +146,7 @@ def create_run(
     train = params.train
     groups = parameter_groups(model, params.lr, train.weight_decay, train.backbone_lr_scale)
     optimizer = create_optimizer_v2(groups, "adamw", lr=params.lr)
-    scheduler = warmup_cosine(
+    scheduler = Schedule(
         optimizer,
         warmup_steps=train.warmup_epochs * steps_per_epoch,
         total_steps=params.epochs * steps_per_epoch,
@@ -183,174 +185,47 @@ def wrap(model: nn.Module, ranks: Ranks, compile: bool) -> Callable[[torch.Tenso
     return torch.compile(forward) if compile else forward
 
 
-def steps_per_epoch(n: int, batch_size: int, processes: int = 1) -> int:
-    """How many batches `batch_order` makes of n images."""
-    steps = -(-n // batch_size)
-    tail = n % batch_size
-    return steps - 1 if steps > 1 and 0 < tail < processes else steps
+def prepare_model(params: Params, ranks: Ranks, weights: PretrainedWeights) -> nn.Module:
+    """The network to train, from the pretrained weights; with several processes, its BatchNorm
+    layers synchronized when `train.sync_batchnorm` says so (timm's conversion covers its
+    BatchNorm+activation layers)."""
+    model = create_model(params.model.arch, "none", params.model.drop_rate)
+    load_pretrained(model, params.model.arch, weights)
+    if not (ranks.distributed and has_batchnorm(model)):
+        return model
+    if params.train.sync_batchnorm:
+        return convert_sync_batchnorm(model)
+    if ranks.main:
+        print("BatchNorm not synchronized: each process normalizes its own share of a batch")
+    return model
 
 
-def batch_order(
-    labels: torch.Tensor,
-    batch_size: int,
-    balanced: bool,
-    generator: torch.Generator,
-    processes: int = 1,
-) -> list[torch.Tensor]:
-    """One epoch of index batches; `balanced` draws both classes equally often.
-
-    A last batch with fewer images than there are processes joins the one before it, so every
-    process has rows in every step.
-    """
-    n = len(labels)
-    if balanced:
-        labels_cpu = labels.long().cpu()
-        weights = (1.0 / torch.bincount(labels_cpu, minlength=2).clamp(min=1))[labels_cpu]
-        order = torch.multinomial(weights, n, replacement=True, generator=generator)
-    else:
-        order = torch.randperm(n, generator=generator)
-    batches = list(order.split(batch_size))
-    if len(batches) > steps_per_epoch(n, batch_size, processes):
-        batches[-2:] = [torch.cat(batches[-2:])]
-    return batches
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def augment(
-    x: torch.Tensor,
-    aug: AugmentParams,
-    generator: torch.Generator,
-    rows: tuple[int, slice] | None = None,
-) -> torch.Tensor:
-    """Per-image random rotation, zoom, shift, flip, brightness and contrast, for a whole batch.
-
-    x: (B, 1, H, W) floats in [0, 1] on the generator's device. Under DDP, x is one process's
-    share of a batch: rows = (size of the whole batch, the share's rows in it). The random
-    draws are made for the whole batch and the share's rows kept, so each image is augmented
-    the same however many processes train.
-    """
-    n, keep = rows if rows is not None else (x.shape[0], slice(None))
-
-    def draw() -> torch.Tensor:
-        return torch.rand(n, generator=generator, device=x.device)[keep]
-
-    def uniform(half_width: float) -> torch.Tensor:
-        return (2 * draw() - 1) * half_width
-
-    b = x.shape[0]
-    angle = uniform(math.radians(aug.rotation_deg))
-    scale = 1 + uniform(aug.zoom)
-    flip = torch.ones(b, device=x.device)
-    if aug.hflip:
-        flip = torch.where(draw() < 0.5, -1.0, 1.0)
-    shift_x, shift_y = 2 * uniform(aug.translate), 2 * uniform(aug.translate)
-    cos, sin = angle.cos() / scale, angle.sin() / scale
-    theta = torch.stack(
-        [torch.stack([cos * flip, -sin, shift_x], 1), torch.stack([sin * flip, cos, shift_y], 1)],
-        1,
-    )
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    contrast = (1 + uniform(aug.contrast)).view(b, 1, 1, 1)
-    brightness = uniform(aug.brightness).view(b, 1, 1, 1)
-    return ((x - mean) * contrast + mean + brightness).clamp(0, 1)
+def check_processes(params: Params, device: torch.device) -> None:
+    """Before torchrun starts anything: torch synchronizes BatchNorm on GPUs only."""
+    if params.train.sync_batchnorm and device.type != "cuda":
+        model = create_model(params.model.arch, "none", params.model.drop_rate)
+        if has_batchnorm(model):
+            raise ParamsError(
+                f"train.sync_batchnorm: synchronized BatchNorm needs CUDA, not {device.type}; "
+                f"set it to false to train {params.model.arch} in {params.runtime.processes} "
+                "processes with per-process BatchNorm statistics"
+            )
 
 
-def parameter_groups(
-    model: nn.Module, lr: float, weight_decay: float, backbone_lr_scale: float = 1.0
-) -> list[dict]:
-    """AdamW's parameter groups: the head's first (its learning rate is the one logged), then
-    the backbone's at `lr * backbone_lr_scale`; each split by timm's convention of no weight
-    decay on norm weights and biases (1-d parameters) and the model's `no_weight_decay()`.
-
-    Fine-tuning pretrained features often wants a lower backbone rate than a new head's; the
-    default scale 1.0 trains every weight at `lr` as before.
-    """
-    head = set(layer_groups(model)[-1])
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, parameter in model.named_parameters():
-        decay = not (parameter.ndim <= 1 or name.endswith(".bias") or name in skip)
-        groups.setdefault((name in head, decay), []).append(parameter)
-    return [
-        {"params": groups[is_head, decay], "head": is_head,
-         "lr": lr if is_head else lr * backbone_lr_scale,
-         "weight_decay": weight_decay if decay else 0.0}
-        for is_head in (True, False) for decay in (False, True) if (is_head, decay) in groups
-    ]  # fmt: skip
-
-
-def warmup_cosine(
-    optimizer: torch.optim.Optimizer,
-    warmup_steps: int,
-    total_steps: int,
-    min_lr: float,
-    frozen_steps: int = 0,
-    head_lr: float | None = None,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning rate per batch: a constant `head_lr` for the head alone while the backbone
-    is frozen, then a linear warm-up to each group's rate and cosine annealing to `min_lr`
-    (scaled like the group's rate) over the remaining steps.
-
-    A network trained from scratch at a high learning rate can stall in its first updates
-    (BatchNorm statistics still settling); a short warm-up lets it start gently. A new head on
-    frozen pretrained features needs no warm-up, and must not get the decay either: when warm-up
-    and cosine spanned the frozen epochs too, a one-epoch frozen phase ended at about lr/150
-    and its head had not learned (validation AUC 0.36 on real X-rays, efficientnet-lite0). So
-    the schedule proper starts when the backbone thaws. Without frozen steps this is exactly
-    the former LinearLR + CosineAnnealingLR schedule, in closed form.
-    """
-    cosine_steps = max(1, total_steps - frozen_steps - warmup_steps)
-
-    def factor(step: int, base_lr: float, head: bool) -> float:
-        if step < frozen_steps and head:
-            return (head_lr or base_lr) / base_lr
-        # Frozen groups have no gradients, so their rate is moot until they thaw: they wait at
-        # the rate they thaw into.
-        step = max(0, step - frozen_steps)
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        floor = min_lr / optimizer.param_groups[0]["initial_lr"]  # min_lr is the head's floor
-        progress = min(step - warmup_steps, cosine_steps) / cosine_steps
-        return floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2
-
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])
-    lambdas = [
-        functools.partial(factor, base_lr=group["initial_lr"], head=group.get("head", True))
-        for group in optimizer.param_groups
-    ]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-
-
-def layer_groups(model: nn.Module) -> list[list[str]]:
-    """Parameter names from the stem to the head, in timm's coarse groups (stem, blocks, head)."""
-    groups = group_parameters(model, model.group_matcher(coarse=True))
-    return [groups[key] for key in sorted(groups)]
-
-
-def first_trainable_group(epoch: int, freeze_epochs: int, unfreeze: str, groups: int) -> int:
-    """Transfer learning's schedule: the head alone for `freeze_epochs`, then either the whole
-    network at once (`all`) or one more group per epoch from the top down (`progressive`)."""
-    head = groups - 1
-    if epoch <= freeze_epochs:
-        return head
-    if unfreeze == "all":
-        return 0
-    return max(0, head - (epoch - freeze_epochs))
-
-
-def set_trainable(model: nn.Module, groups: list[list[str]], first: int) -> None:
-    """Train groups `first`.. only; frozen groups keep their BatchNorm statistics too."""
-    trainable = {name for group in groups[first:] for name in group}
-    for name, param in model.named_parameters():
-        param.requires_grad = name in trainable
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-            p.requires_grad for p in module.parameters()
-        ):
-            module.eval()
+def imbalance_loss(
+    labels: np.ndarray, imbalance: str, device: torch.device
+) -> tuple[nn.Module, float]:
+    """The loss for `train.imbalance`, and its positive weight: with `pos_weight`, positives
+    weigh NORMAL/PNEUMONIA, so both classes weigh the same in the loss (`sampler` balances
+    the batches instead)."""
+    positives = int(labels.sum())
+    pos_weight = (len(labels) - positives) / positives if imbalance == "pos_weight" else 1.0
+    loss = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
+    return loss, pos_weight
 
 
 def train_step(
@@ -384,6 +259,17 @@ def train_step(
     return loss.detach()
 
 
+def train_groups_of_epoch(run: Run, epoch: int, settings: TrainParams) -> None:
+    """Make trainable the groups transfer learning's schedule gives this epoch (the head alone
+    while frozen), in training mode with frozen BatchNorm statistics kept; and wrap the model
+    again for DDP when they change, since DDP registers the trainable parameters as it wraps."""
+    groups = layer_groups(run.model)
+    first = first_trainable_group(epoch, settings.freeze_epochs, settings.unfreeze, len(groups))
+    set_trainable(run.model, groups, first)
+    if first != run.trainable_from:
+        run.forward, run.trainable_from = wrap(run.model, run.ranks, run.compile), first
+
+
 def train_one_epoch(
     run: Run,
     data: TrainingData,
@@ -392,15 +278,8 @@ def train_one_epoch(
     loss_fn: nn.Module,
     epoch: int,
 ) -> tuple[float, float]:
-    """One pass over the training data; returns (mean loss, images per second), both over all
-    processes."""
-    groups = layer_groups(run.model)
-    first = first_trainable_group(
-        epoch, params.train.freeze_epochs, params.train.unfreeze, len(groups)
-    )
-    set_trainable(run.model, groups, first)
-    if first != run.trainable_from:
-        run.forward, run.trainable_from = wrap(run.model, run.ranks, run.compile), first
+    """One pass over the training data, training the groups `train_groups_of_epoch` set;
+    returns (mean loss, images per second), both over all processes."""
     balanced = params.train.imbalance == "sampler"
     ranks = run.ranks
     order = batch_order(data.labels, params.batch_size, balanced, run.order_rng, ranks.world)
@@ -414,8 +293,8 @@ def train_one_epoch(
     )  # fmt: skip
     for step, (images, labels) in enumerate(progress):
         rows = (len(order[step]), slice(ranks.rank, None, ranks.world))
-        x = images.float().div_(255.0).unsqueeze(1)
-        x = numerics.normalize(augment(x, params.train.augment, run.augment_rng, rows))
+        x = images.float().div_(255.0).unsqueeze(1)  # augment works on the [0, 1] scale
+        x = numerics.normalize(augment(x, params.train.augment, run.augment_rng, rows).mul_(255))
         y = labels * (1 - smoothing) + 0.5 * smoothing
         share = len(x) * ranks.world / len(order[step])
         total_loss += train_step(run, x, y, loss_fn, numerics, share) * len(x)
@@ -433,7 +312,7 @@ def predict_logits(
     model.eval()
     logits = []
     for images, _ in data.batches(list(torch.arange(len(data.labels)).split(batch_size))):
-        x = numerics.normalize(images.float().div(255.0).unsqueeze(1))
+        x = numerics.normalize(images.unsqueeze(1))
         with numerics.autocast():
             logits.append(model(x).float().squeeze(1))
     return torch.cat(logits)
@@ -480,6 +359,7 @@ def fit(
     """
     main = run.ranks.main
     for epoch in range(progress["epoch"] + 1, params.epochs + 1):
+        train_groups_of_epoch(run, epoch, params.train)  # and DDP-wraps them when they change
         lr = run.optimizer.param_groups[0]["lr"]
         train_loss, rate = train_one_epoch(run, train, params, numerics, loss_fn, epoch)
         val_loss, val_auc = math.nan, math.nan
@@ -517,41 +397,3 @@ def fit(
                 print(f"early stop: no better validation {monitor} for {patience} epochs")
             break
     return progress
-
-
-def checkpoint(run: Run, progress: dict) -> dict:
-    """A plain dict with everything an interrupted run needs to continue exactly."""
-    return {
-        "progress": progress,
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "ema": None if run.ema is None else run.ema.state_dict(),
-        "scaler": None if run.scaler is None else run.scaler.state_dict(),
-        "order_rng": run.order_rng.get_state(),
-        "augment_rng": run.augment_rng.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def restore(run: Run, saved: dict) -> dict:
-    """Put a checkpoint's state back into `run`; returns its progress."""
-    run.model.load_state_dict(saved["model"])
-    run.optimizer.load_state_dict(saved["optimizer"])
-    run.scheduler.load_state_dict(saved["scheduler"])
-    if run.ema is not None:
-        run.ema.load_state_dict(saved["ema"])
-    if run.scaler is not None:
-        run.scaler.load_state_dict(saved["scaler"])
-    run.order_rng.set_state(saved["order_rng"])
-    run.augment_rng.set_state(saved["augment_rng"])
-    torch.set_rng_state(saved["torch_rng"])
-    if saved["cuda_rng"] is not None:
-        torch.cuda.set_rng_state_all(saved["cuda_rng"])
-    return saved["progress"]
-
-
-def save_checkpoint(path: Path, saved: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(saved, tmp)

@@ -14,11 +14,16 @@ from cxr import sources
 from cxr.atomic import atomic_path
 from cxr.dataset import build_manifest
 from cxr.demo import generate_demo_dataset
-from cxr.params import DataParams, load_params
-from cxr.stage import StageError, paths, project_root, run
+from cxr.params import StageParams, load_params
+from cxr.sources import DataParams
+from cxr.stage import StageError, paths, project_root, require, run
 
 DOWNLOAD_CACHE = Path(".cache/downloads")
 LESION_COLUMNS = ["path", "x0", "y0", "x1", "y1"]
+
+
+class Params(StageParams):
+    data: DataParams
 
 
 def local_folder(path: str) -> Path:
@@ -50,8 +55,9 @@ def fetch(data: DataParams, dest: Path) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = paths(__doc__, "raw", argv=argv)
-    params = load_params()
+    args = paths(__doc__, "checked", "raw", argv=argv)
+    params = load_params(Params)
+    require(args.checked)  # the validate stage has checked all of params.yaml
     with atomic_path(args.raw) as tmp:
         tmp.mkdir()
         lesions = fetch(params.data, tmp)

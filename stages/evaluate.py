@@ -27,11 +27,12 @@ import pandas as pd
 
 from cxr import serving, tracking
 from cxr.atomic import write_csv, write_json
+from cxr.classes import CLASSES
 from cxr.classifier import Assessment, Classifier, probability_from_logit
-from cxr.dataset import CLASSES
 from cxr.device import pick_device, use_cpu_threads
 from cxr.evaluation import (
     TEMPERATURE_BOUNDS,
+    EvaluateParams,
     bootstrap_intervals,
     calibration_table,
     choose_threshold,
@@ -40,10 +41,15 @@ from cxr.evaluation import (
     fit_temperature,
     probability_scores,
 )
-from cxr.figures import save_figures
-from cxr.params import EvaluateParams, load_params
+from cxr.metric_figures import save_figures
+from cxr.params import Seed, StageParams, load_params
 from cxr.processed import ProcessedSplit, load_split
 from cxr.stage import paths, require, run
+
+
+class Params(StageParams):
+    seed: Seed
+    evaluate: EvaluateParams
 
 
 def split_metrics(
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         *("model", "guard", "processed", "threshold", "predictions", "metrics", "plots"),
         argv=argv,
     )
-    params = load_params()
+    params = load_params(Params)
     use_cpu_threads(params.runtime.threads)
     settings = params.evaluate
     require(args.model, args.guard, args.processed)

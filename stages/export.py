@@ -12,6 +12,7 @@ below 1/4 magnifies a logit difference in the probability (sigmoid's slope is at
 
 from __future__ import annotations
 
+from dataclasses import replace
 from importlib.metadata import version
 
 import mlflow
@@ -22,26 +23,19 @@ from cxr import tracking
 from cxr.atomic import atomic_path, write_json
 from cxr.classifier import Classifier
 from cxr.device import use_cpu_threads
-from cxr.guard import GuardedNetwork
-from cxr.onnx_model import OnnxClassifier, export_onnx
-from cxr.params import load_params
+from cxr.onnx_model import ExportParams, export_onnx, load_onnx
+from cxr.params import StageParams, load_params
 from cxr.processed import load_split
 from cxr.stage import StageError, paths, require, run
 
 
-@torch.no_grad()
-def torch_outputs(classifier: Classifier, images: np.ndarray, batch_size: int = 64) -> tuple:
-    """The network's raw logits and guard scores, without flip TTA: what the graph computes."""
-    network = GuardedNetwork(classifier.model, classifier.guard)
-    starts = range(0, len(images), batch_size)
-    outputs = [network(classifier.to_tensor(images[i : i + batch_size])) for i in starts]
-    logits, scores = zip(*outputs, strict=True)
-    return torch.cat(logits)[:, 0].numpy(), torch.cat(scores).numpy()
+class Params(StageParams):
+    export: ExportParams
 
 
 def main(argv: list[str] | None = None) -> None:
     args = paths(__doc__, "model", "threshold", "guard", "processed", "onnx", "metrics", argv=argv)
-    params = load_params()
+    params = load_params(Params)
     use_cpu_threads(params.runtime.threads)
     settings = params.export
     require(args.model, args.threshold, args.guard, args.processed)
@@ -50,15 +44,18 @@ def main(argv: list[str] | None = None) -> None:
 
     with atomic_path(args.onnx) as tmp:
         export_onnx(classifier, tmp, settings.opset)
-        onnx_model = OnnxClassifier(tmp)
+        onnx_model = load_onnx(tmp)
         exported, reference = onnx_model.assess(images), classifier.assess(images)
-        onnx_logits, onnx_scores = onnx_model.run(images)
-        torch_logits, torch_scores = torch_outputs(classifier, images)
-        difference = float(np.abs(onnx_logits - torch_logits).max())
+        # what the graph computes: each backend's logits and guard scores, without flip TTA
+        onnx_raw, torch_raw = (
+            replace(model, flip_tta=False).assess(images) for model in (onnx_model, classifier)
+        )
+        difference = float(np.abs(onnx_raw.logit - torch_raw.logit).max())
         probability_difference = float(np.abs(exported.probability - reference.probability).max())
         # guard scores run from about 1 to thousands: compared relative to their size
+        torch_scores = torch_raw.ood_score
         score_difference = float(
-            (np.abs(onnx_scores - torch_scores) / np.maximum(np.abs(torch_scores), 1)).max()
+            (np.abs(onnx_raw.ood_score - torch_scores) / np.maximum(np.abs(torch_scores), 1)).max()
         )
         same_class = float(
             np.mean(

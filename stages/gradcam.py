@@ -16,10 +16,11 @@ import pandas as pd
 
 from cxr import tracking
 from cxr.atomic import atomic_path, write_json
+from cxr.classes import CLASSES
 from cxr.classifier import Classifier
-from cxr.dataset import CLASSES
 from cxr.device import pick_device, use_cpu_threads
 from cxr.explain import (
+    GradcamParams,
     compute_cams,
     energy_in_box,
     faithfulness,
@@ -27,13 +28,19 @@ from cxr.explain import (
     random_pointing_rate,
     randomization_check,
     resolve_target_layer,
-    scoring_sample,
 )
 from cxr.figures import save_montage, save_panel
 from cxr.images import square_geometry
-from cxr.params import ParamsError, load_params
+from cxr.params import ParamsError, Seed, StageParams, load_params
 from cxr.processed import ProcessedSplit, load_split
+from cxr.sampling import scoring_sample
 from cxr.stage import paths, require, run
+
+
+class Params(StageParams):
+    seed: Seed
+    gradcam: GradcamParams
+
 
 OUTCOMES = ("TP", "FN", "FP", "TN")
 RANDOMIZATION_SEEDS = (0, 1, 2)
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         __doc__, "model", "threshold", "predictions", "processed", "lesions", "metrics", "plots",
         argv=argv,
     )  # fmt: skip
-    params = load_params()
+    params = load_params(Params)
     use_cpu_threads(params.runtime.threads)
     settings = params.gradcam
     require(args.model, args.threshold, args.predictions, args.processed, args.lesions)

@@ -11,25 +11,42 @@ separates them from what it should refuse.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score
 
 from cxr import tracking
-from cxr.atomic import write_csv, write_json
+from cxr.atomic import write_csv, write_json, write_png
+from cxr.classes import CLASSES
 from cxr.classifier import Classifier
-from cxr.dataset import CLASSES
 from cxr.device import use_cpu_threads
-from cxr.explain import scoring_sample
-from cxr.figures import save_guard_figures
-from cxr.guard import fit_guard, out_of_distribution
+from cxr.figures import DPI, PANEL_PX, show_xray
+from cxr.guard import GuardParams, fit_guard, out_of_distribution
 from cxr.ood_set import ood_images
-from cxr.params import load_params
+from cxr.params import Section, Seed, StageParams, load_params
 from cxr.processed import load_split
+from cxr.sampling import scoring_sample
 from cxr.stage import paths, require, run
+
+
+class DataSource(Section):
+    """Of the data section, the guard reads only whether the X-rays are the synthetic demo's
+    (the validate stage checks the rest)."""
+
+    model_config = Section.model_config | {"extra": "ignore"}
+    source: str
+
+
+class Params(StageParams):
+    seed: Seed
+    guard: GuardParams
+    data: DataSource
+
 
 IN_DISTRIBUTION = "test X-ray"
 
@@ -46,23 +63,54 @@ def separation(scores: pd.DataFrame, kind: str | None = None) -> dict:
     }
 
 
+def save_guard_figures(
+    folder: Path,
+    scores: pd.DataFrame,
+    threshold: float,
+    examples: list[tuple[str, np.ndarray, float]],
+) -> None:
+    """The guard's scores per kind of image against its threshold, and one image of each kind
+    as the network sees it, with its score and verdict."""
+    kinds = list(dict.fromkeys(scores["kind"]))
+    figure = Figure(figsize=(8, 0.45 * len(kinds) + 1.2), layout="constrained")
+    axes = figure.subplots()
+    for row, kind in enumerate(kinds):
+        values = scores.loc[scores["kind"] == kind, "score"].to_numpy()
+        jitter = np.random.default_rng(row).uniform(-0.25, 0.25, len(values))
+        axes.scatter(np.maximum(values, 1e-3), row + jitter, s=6, alpha=0.5)
+    axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")
+    axes.set(xscale="log", yticks=range(len(kinds)), yticklabels=kinds, xlabel="guard score")
+    axes.invert_yaxis()
+    axes.legend(loc="lower right", fontsize=8)
+    write_png(folder / "scores.png", figure, DPI)
+
+    side = PANEL_PX / DPI * 0.75
+    figure = Figure(figsize=(len(examples) * side, side + 0.5), layout="constrained")
+    for axes, (kind, image, score) in zip(
+        np.atleast_1d(figure.subplots(1, len(examples))), examples, strict=True
+    ):
+        verdict = "flagged" if out_of_distribution(np.array([score]), threshold)[0] else "passed"
+        show_xray(axes, image, f"{kind}\n{score:.3g}: {verdict}")
+    write_png(folder / "examples.png", figure, DPI)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = paths(__doc__, "model", "processed", "guard", "metrics", "plots", argv=argv)
-    params = load_params()
+    params = load_params(Params)
     use_cpu_threads(params.runtime.threads)
     settings = params.guard
     require(args.model, args.processed)
     classifier = Classifier.load(args.model, with_guard=False)
     train, val, test = (load_split(split, args.processed) for split in ("train", "val", "test"))
 
-    classifier.guard = fit_guard(
+    guard = fit_guard(
         classifier.features(train.images), train.labels, train.index["patient_id"].to_numpy()
     )
-    guard = classifier.guard
     with torch.no_grad():
         val_features = [torch.from_numpy(f) for f in classifier.features(val.images)]
         scaled = guard.scaled_distances(val_features).numpy()
     guard.calibrate(scaled.max(axis=0), settings.quantile)
+    classifier.guard = guard  # calibrated: its threshold is the one the verdicts below use
     decided_by = np.bincount(scaled.argmax(axis=0), minlength=guard.stages) / scaled.shape[1]
 
     test_images = np.asarray(test.images)

@@ -11,9 +11,15 @@ from pathlib import Path
 import pandas as pd
 
 from cxr.atomic import atomic_path
-from cxr.params import load_params
-from cxr.processed import SPLITS, decode_all, save_processed
+from cxr.params import ImageSize, StageParams, load_params
+from cxr.preprocessing import PreprocessParams, decode_all, save_processed
+from cxr.processed import SPLITS
 from cxr.stage import StageError, paths, require, run
+
+
+class Params(StageParams):
+    image_size: ImageSize
+    preprocess: PreprocessParams
 
 
 def images_to_decode(raw: Path, split_table: Path) -> pd.DataFrame:
@@ -30,7 +36,7 @@ def images_to_decode(raw: Path, split_table: Path) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> None:
     args = paths(__doc__, "raw", "split_table", "processed", argv=argv)
-    params = load_params()
+    params = load_params(Params)
     require(args.raw, args.split_table)
     table = images_to_decode(args.raw, args.split_table)
     size, resize, intensity = (

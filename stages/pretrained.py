@@ -11,15 +11,19 @@ the stage re-converts in seconds and train re-runs only if the converted weights
 
 from __future__ import annotations
 
-from cxr.model import save_pretrained
-from cxr.params import load_params
+from cxr.model import ModelParams, save_pretrained
+from cxr.params import StageParams, load_params
 from cxr.pretrained import resolve
 from cxr.stage import paths, project_root, run
 
 
+class Params(StageParams):
+    model: ModelParams
+
+
 def main(argv: list[str] | None = None) -> None:
     args = paths(__doc__, "weights", argv=argv)
-    params = load_params()
+    params = load_params(Params)
     model = params.model
     # A relative path is relative to the project, also under `dvc exp run --queue/--temp`.
     weights = resolve(model.pretrained, model.arch, model.pretrained_sha256, project_root())

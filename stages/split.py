@@ -5,14 +5,23 @@ from __future__ import annotations
 import pandas as pd
 
 from cxr.atomic import write_csv, write_json
-from cxr.params import load_params
-from cxr.splitting import count_test_patient_collisions, split_dataset, split_report
+from cxr.params import StageParams, load_params
+from cxr.splitting import (
+    SplitParams,
+    count_test_patient_collisions,
+    split_dataset,
+    split_report,
+)
 from cxr.stage import paths, require, run
+
+
+class Params(StageParams):
+    split: SplitParams
 
 
 def main(argv: list[str] | None = None) -> None:
     args = paths(__doc__, "manifest", "splits", argv=argv)
-    params = load_params()
+    params = load_params(Params)
     require(args.manifest)
     manifest = pd.read_csv(args.manifest, keep_default_na=False)
     table = split_dataset(

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxr.params import Params, load_params
+from cxr.checkpoint import load_resumable
+from cxr.params import load_params
 from cxr.stage import StageError
+from cxr.training import Params
 from stages import train
 from tests.conftest import REPO
 
@@ -27,7 +29,7 @@ class Planted:
 def resuming(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Params:
     monkeypatch.chdir(tmp_path)
     train.CHECKPOINT.parent.mkdir()
-    params = load_params(REPO / "params.yaml")
+    params = load_params(Params, REPO / "params.yaml")
     assert params.runtime.resume
     return params
 
@@ -37,7 +39,7 @@ def test_a_checkpoint_holding_code_is_refused_not_run(resuming: Params, tmp_path
     torch.save({"fingerprint": "x", "progress": Planted(marker)}, train.CHECKPOINT)
 
     with pytest.raises(StageError, match="holds more than tensors and plain data"):
-        train.load_resumable(resuming, "x")
+        load_resumable(train.CHECKPOINT, resuming, "x")
 
     assert not marker.exists()
 
@@ -51,8 +53,8 @@ def test_a_checkpoint_of_tensors_and_plain_data_resumes(resuming: Params):
     }
     torch.save(saved, train.CHECKPOINT)
 
-    loaded = train.load_resumable(resuming, "x")
+    loaded = load_resumable(train.CHECKPOINT, resuming, "x")
 
     assert loaded is not None and loaded["progress"] == saved["progress"]
     assert torch.equal(loaded["torch_rng"], saved["torch_rng"])
-    assert train.load_resumable(resuming, "other inputs") is None
+    assert load_resumable(train.CHECKPOINT, resuming, "other inputs") is None

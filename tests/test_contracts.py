@@ -20,8 +20,10 @@ from pydantic import BaseModel
 from cxr import params as params_module
 from cxr.params import RUN_ONLY_SECTIONS
 from tests.conftest import REPO, stage_argv
+from tools.dep_table import module_stages
 
 STAGES = (
+    "validate",
     "download",
     "split",
     "preprocess",
@@ -113,9 +115,12 @@ def reads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
         for name in STAGES:
             module = importlib.import_module(f"stages.{name}")
             found[name] = set()
-            loaded = params_module.load_params(folder / "params.yaml")
-            recorder = Recorder(loaded, found[name])
-            monkey.setattr(module, "load_params", lambda *_, recorder=recorder: recorder)
+            reads = found[name]
+
+            def recorded(schema, *_, reads=reads):
+                return Recorder(params_module.load_params(schema, folder / "params.yaml"), reads)
+
+            monkey.setattr(module, "load_params", recorded)
             module.main(stage_argv(folder, name))
     finally:
         monkey.undo()
@@ -126,9 +131,19 @@ def covers(declared: str, key: str) -> bool:
     return key == declared or key.startswith(declared + ".")
 
 
-@pytest.mark.parametrize("name", STAGES)
+def declared_params(name: str) -> list[str]:
+    return [next(iter(e)) if isinstance(e, dict) else e for e in dvc_stages()[name]["params"]]
+
+
+def test_validate_declares_every_section_that_changes_a_result():
+    """It validates the whole file, so any change to a result's settings re-runs the check."""
+    top_level = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert declared_params("validate") == [k for k in top_level if k not in RUN_ONLY_SECTIONS]
+
+
+@pytest.mark.parametrize("name", [s for s in STAGES if s != "validate"])
 def test_declared_params_are_exactly_those_the_stage_reads(reads, name: str):
-    declared = [next(iter(e)) if isinstance(e, dict) else e for e in dvc_stages()[name]["params"]]
+    declared = declared_params(name)
     result_keys = {k for k in reads[name] if k.split(".")[0] not in RUN_ONLY_SECTIONS}
     undeclared = {k for k in result_keys if not any(covers(d, k) for d in declared)}
     assert not undeclared, f"{name} reads {sorted(undeclared)} without declaring them"
@@ -142,3 +157,55 @@ def test_every_stage_reads_some_params_and_the_recorder_sees_nested_keys(reads):
     assert "train.augment.rotation_deg" in reads["train"]
     assert "runtime.device" in reads["train"]  # read, and rightly not declared
     assert "lr" not in reads["evaluate"]
+
+
+# The stages each cxr module is a code dep of: the stages DVC re-runs after any edit to it,
+# a docstring's included (reviewed like code: a new row or a longer one re-runs more). With
+# the test above, a new import that pulls a module into a stage's closure fails here until the
+# table says so. `validate` (stages/validate.py) holds every section's schema; it runs in
+# seconds and its output never changes, so it re-runs nothing after it. `tracking` writes the
+# MLflow record that is part of what a stage produces. Not listed: modules no stage imports
+# (the CLI, the page, the served model).
+EVERY_STAGE = " ".join(STAGES)
+INTENDED_DEPS = {
+    "cxr/atomic.py": EVERY_STAGE,
+    "cxr/augment.py": "validate train",
+    "cxr/batches.py": "validate train",
+    "cxr/checkpoint.py": "train",
+    "cxr/classes.py": "validate download preprocess pretrained train guard evaluate gradcam export",
+    "cxr/classifier.py": "validate guard evaluate gradcam export",
+    "cxr/dataset.py": "validate download",
+    "cxr/demo.py": "download guard",
+    "cxr/device.py": "validate train guard evaluate gradcam export",
+    "cxr/distributed.py": "validate train",
+    "cxr/evaluation.py": "validate evaluate",
+    "cxr/explain.py": "validate gradcam",
+    "cxr/figures.py": "guard gradcam",
+    "cxr/guard.py": "validate guard evaluate gradcam export",
+    "cxr/images.py": "validate download preprocess guard evaluate gradcam export",
+    "cxr/metric_figures.py": "evaluate",
+    "cxr/model.py": "validate pretrained train guard evaluate gradcam export",
+    "cxr/onnx_model.py": "validate export",
+    "cxr/ood_set.py": "guard",
+    "cxr/params.py": EVERY_STAGE,
+    "cxr/preprocessing.py": "validate preprocess",
+    "cxr/pretrained.py": "pretrained",
+    "cxr/processed.py": "validate preprocess train guard evaluate gradcam export",
+    "cxr/sampling.py": "guard gradcam",
+    "cxr/schedule.py": "validate train",
+    "cxr/serving.py": "evaluate",
+    "cxr/sources.py": "validate download",
+    "cxr/splitting.py": "validate split",
+    "cxr/stage.py": EVERY_STAGE,
+    "cxr/tracking.py": "train guard evaluate gradcam export",
+    "cxr/training.py": "validate train",
+}  # fmt: skip
+
+
+def test_each_module_is_a_dep_of_the_intended_stages_only():
+    table = {m: " ".join(stages) for m, stages in module_stages(REPO / "dvc.yaml").items()}
+    assert table == INTENDED_DEPS
+    # What issue 23 found: plots, a Grad-CAM option, JPEG decoding and manifest code made DVC
+    # retrain the network.
+    retrains = {m for m, stages in INTENDED_DEPS.items() if "train" in stages.split()}
+    assert not retrains & {"cxr/figures.py", "cxr/explain.py", "cxr/images.py", "cxr/dataset.py"}

@@ -8,16 +8,21 @@ import pandas as pd
 import pytest
 import yaml
 
-from cxr import processed
+from cxr import preprocessing
 from cxr.images import load_square
 from cxr.params import ParamsError
 from cxr.stage import StageError
-from stages import download, preprocess, split
+from stages import download, preprocess, split, validate
 from tests.conftest import set_params, sh, stage_argv, tool_env
 
 
-def _run_data_stages() -> None:
+def _download() -> None:
+    validate.main(stage_argv(Path("."), "validate"))
     download.main(stage_argv(Path("."), "download"))
+
+
+def _run_data_stages() -> None:
+    _download()
     split.main(stage_argv(Path("."), "split"))
     preprocess.main(stage_argv(Path("."), "preprocess"))
 
@@ -96,9 +101,9 @@ def test_relative_local_path_is_relative_to_the_project_dvc_names(
     set_params(workspace, {"data": {"source": "local", "local_path": "xrays"}})
     monkeypatch.chdir(workspace)
     with pytest.raises(StageError, match="xrays"):
-        download.main(stage_argv(Path("."), "download"))
+        _download()
     monkeypatch.setenv("DVC_ROOT", str(project))
-    download.main(stage_argv(Path("."), "download"))
+    _download()
     manifest = pd.read_csv("data/raw/manifest.csv", keep_default_na=False)
     assert len(manifest) == sum(1 for p in (project / "xrays").rglob("*") if p.is_file())
 
@@ -108,7 +113,7 @@ def test_missing_class_folder_fails_before_writing(project: Path, tmp_path: Path
     shutil.rmtree(source / "test" / "NORMAL")
     set_params(project, {"data": {"source": "local", "local_path": str(source)}})
     with pytest.raises(StageError, match=r"test/NORMAL"):
-        download.main(stage_argv(Path("."), "download"))
+        _download()
     assert not Path("data/raw").exists()
 
 
@@ -121,7 +126,7 @@ def test_unknown_source_fails_before_any_work(project: Path):
 
 
 def test_empty_split_is_a_clear_error(project: Path):
-    download.main(stage_argv(Path("."), "download"))
+    _download()
     split.main(stage_argv(Path("."), "split"))
     table = pd.read_csv("data/splits/split.csv", keep_default_na=False)
     table.loc[table["split"] == "val", "split"] = "excluded"
@@ -132,13 +137,13 @@ def test_empty_split_is_a_clear_error(project: Path):
 
 
 def test_interrupted_preprocess_leaves_no_output(project: Path, monkeypatch: pytest.MonkeyPatch):
-    download.main(stage_argv(Path("."), "download"))
+    _download()
     split.main(stage_argv(Path("."), "split"))
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(processed, "normalization_stats", interrupted)
+    monkeypatch.setattr(preprocessing, "normalization_stats", interrupted)
     with pytest.raises(KeyboardInterrupt):
         preprocess.main(stage_argv(Path("."), "preprocess"))
     assert not Path("data/processed").exists()

@@ -36,7 +36,8 @@ from cxr.evaluation import (
     probability_scores,
     specificity_at_sensitivity,
 )
-from cxr.figures import save_figures, save_history_figure
+from cxr.metric_figures import save_figures
+from stages.train import save_history_figure
 
 BINS = 10
 INTERVAL_KEYS = {"roc_auc", "sensitivity", "specificity", "accuracy"}

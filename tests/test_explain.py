@@ -21,10 +21,10 @@ from cxr.explain import (
     randomization_check,
     rank_correlation,
     resolve_target_layer,
-    scoring_sample,
 )
 from cxr.figures import overlay, save_montage, save_panel
 from cxr.model import create_model
+from cxr.sampling import scoring_sample
 
 SIZE = 64
 SQUARE = 10

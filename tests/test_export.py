@@ -15,7 +15,7 @@ import torch
 
 from cxr.classifier import Classifier, decide
 from cxr.model import ModelCard, create_model, save_model
-from cxr.onnx_model import OnnxClassifier
+from cxr.onnx_model import load_onnx
 from cxr.predict import main as predict
 from cxr.processed import load_split
 from tests.conftest import run_stage, set_params, stage_argv, tool_env
@@ -44,7 +44,7 @@ def test_onnx_logits_equal_pytorch_on_the_test_split(exported: Path):
     assert report["opset"] == 18
     assert onnx.load(str(exported / "models/model.onnx")).opset_import[0].version == 18
 
-    onnx_model = OnnxClassifier(exported / "models/model.onnx")
+    onnx_model = load_onnx(exported / "models/model.onnx")
     torch_model = Classifier.load(exported / "models/model.pt")
     assert onnx_model.card == torch_model.card  # the card and threshold travel in the file
     assert onnx_model.threshold == torch_model.threshold
@@ -54,6 +54,8 @@ def test_onnx_logits_equal_pytorch_on_the_test_split(exported: Path):
     assert onnx_model.temperature == torch_model.temperature == stored == report["temperature"]
     assert report["max_abs_probability_difference"] < 1e-5
     assert onnx_model.ood_threshold == torch_model.ood_threshold  # the guard is in the graph
+    # and the normalization: the graph takes the decoded pixels as they are
+    assert onnx_model.backend.session.get_inputs()[0].type == "tensor(uint8)"
     noise = np.random.default_rng(0).integers(0, 256, test_images[:1].shape, dtype=np.uint8)
     for batch in (test_images[:1], np.concatenate([test_images[:4], noise])):  # dynamic batch
         onnx_answer, torch_answer = onnx_model.assess(batch), torch_model.assess(batch)

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from cxr.predict import main as predict
-from cxr.processed import decode_all
+from cxr.preprocessing import decode_all
 from tests.conftest import LAYER, free_port, request_json, run_stage, serve, tool_env
 
 # PIL warns of an image over 50 MP as it opens it; load_square then refuses it by name
@@ -226,6 +226,7 @@ def invoke(url: str, files: list[bytes]) -> tuple[int, dict]:
     return request_json(f"{url}/invocations", body, {"Content-Type": "application/json"})
 
 
+@pytest.mark.slow  # `mlflow models serve` in its own environment
 def test_the_served_model_answers_each_hostile_file_in_its_own_row(
     served: str, hostile: dict[str, bytes], xray: bytes
 ):

@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from cxr.params import ParamsError, as_flat_dict, load_params
+from stages.validate import Params
 from tests.conftest import REPO, set_params
 
 
@@ -15,7 +16,7 @@ def params_file(tmp_path: Path) -> Path:
 
 
 def test_repository_params_load_with_their_types():
-    params = load_params(REPO / "params.yaml")
+    params = load_params(Params, REPO / "params.yaml")
     assert isinstance(params.lr, float)
     assert isinstance(params.epochs, int)
     assert isinstance(params.train.augment.hflip, bool)
@@ -28,14 +29,14 @@ def test_exponent_spellings_reach_the_code_as_floats(params_file: Path, spelling
     text = (params_file / "params.yaml").read_text()
     (params_file / "params.yaml").write_text(text.replace("lr: 0.001", f"lr: {spelling}", 1))
     assert yaml.safe_load((params_file / "params.yaml").read_text())["lr"] in (spelling, 1e-5)
-    lr = load_params(params_file / "params.yaml").lr
+    lr = load_params(Params, params_file / "params.yaml").lr
     assert isinstance(lr, float)
     assert lr == pytest.approx(1e-5)
 
 
 def test_integral_float_is_accepted_for_int_and_bool_strings(params_file: Path):
     set_params(params_file, {"epochs": 3.0, "runtime": {"resume": "false"}})
-    params = load_params(params_file / "params.yaml")
+    params = load_params(Params, params_file / "params.yaml")
     assert params.epochs == 3
     assert isinstance(params.epochs, int)
     assert params.runtime.resume is False
@@ -59,7 +60,7 @@ def test_integral_float_is_accepted_for_int_and_bool_strings(params_file: Path):
 def test_invalid_values_name_the_key(params_file: Path, overrides: dict, message: str):
     set_params(params_file, overrides)
     with pytest.raises(ParamsError, match=re.escape(message)):
-        load_params(params_file / "params.yaml")
+        load_params(Params, params_file / "params.yaml")
 
 
 def test_unknown_and_missing_keys_are_named(params_file: Path):
@@ -68,8 +69,39 @@ def test_unknown_and_missing_keys_are_named(params_file: Path):
     raw["train"]["learning_rate"] = 0.1
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ParamsError, match=r"params.yaml: train.learning_rate: unknown key$"):
-        load_params(path)
+        load_params(Params, path)
     del raw["train"]["learning_rate"], raw["model"]["arch"], raw["runtime"]
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ParamsError, match=r"model.arch: missing key; runtime: missing key$"):
-        load_params(path)
+    with pytest.raises(ParamsError, match=r"runtime: missing key; model.arch: missing key$"):
+        load_params(Params, path)
+
+
+def test_each_stage_checks_its_own_sections_and_validate_checks_the_whole_file(
+    params_file: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A stage's schema holds only what it reads (so its code deps hold only those schemas);
+    the validate stage, first in the pipeline, still stops a bad value for a later stage and a
+    misspelt section before any stage works."""
+    from stages import gradcam, train, validate
+
+    monkeypatch.chdir(params_file)
+    checked = params_file / "data" / "params.ok"
+    validate.main([str(checked)])
+    assert checked.read_text() == validate.STAMP
+
+    checked.unlink()
+    set_params(params_file, {"gradcam": {"method": "gradcam+"}})
+    assert load_params(train.Params).lr == 0.001  # train does not read gradcam
+    with pytest.raises(ParamsError, match=r"gradcam.method: Input should be 'gradcam'"):
+        load_params(gradcam.Params)
+    with pytest.raises(ParamsError, match=r"gradcam.method: Input should be 'gradcam'"):
+        validate.main([str(checked)])
+    assert not checked.exists()
+
+    raw = yaml.safe_load((params_file / "params.yaml").read_text())
+    raw["gradcam"]["method"] = "gradcam"
+    raw["trian"] = {"lr": 0.1}
+    (params_file / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert load_params(gradcam.Params).gradcam.method == "gradcam"
+    with pytest.raises(ParamsError, match=r"params.yaml: trian: unknown key$"):
+        validate.main([str(checked)])

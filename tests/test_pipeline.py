@@ -21,7 +21,8 @@ from cxr.params import ParamsError, load_params
 from cxr.predict import main as predict
 from cxr.processed import load_split
 from stages import gradcam, train
-from tests.conftest import run_stage, set_params, stage_argv, tool_env
+from stages.validate import Params
+from tests.conftest import TINY_ARCH, run_stage, set_params, stage_argv, tool_env
 
 
 def _runs(store: Path) -> tuple[mlflow.MlflowClient, list]:
@@ -40,7 +41,7 @@ def test_train_writes_model_metrics_and_history(trained: Path):
     assert (trained / "plots/train/history.png").stat().st_size > 0
     assert not (trained / "checkpoints/train.pt").exists()
     card = Classifier.load(trained / "models/model.pt").card
-    assert (card.arch, card.image_size, card.resize) == ("densenet121", 32, "pad")
+    assert (card.arch, card.image_size, card.resize) == (TINY_ARCH, 32, "pad")
 
 
 def test_training_run_has_one_child_run_per_later_stage(trained: Path):
@@ -106,7 +107,7 @@ def test_evaluate_calibrates_on_validation_and_reports_before_and_after(trained:
     deployed = classifier.assess(np.asarray(val.images))
     assert temperature == pytest.approx(fit_temperature(val.labels, deployed.logit), rel=1e-4)
     # the stored threshold is chosen on, and so lives among, the calibrated probabilities
-    settings = load_params(trained / "params.yaml").evaluate
+    settings = load_params(Params, trained / "params.yaml").evaluate
     expected = choose_threshold(
         val.labels, deployed.probability, settings.threshold, settings.fixed_threshold,
         settings.target_sensitivity, settings.youden_tolerance,
@@ -161,7 +162,7 @@ def test_evaluate_reports_what_the_deployed_model_does(trained: Path):
 
 def test_gradcam_outputs_and_maps(trained: Path):
     report = json.loads((trained / "metrics/gradcam.json").read_text())
-    assert report["target_layer"] == "features.denseblock3"
+    assert report["target_layer"] == "layer3"
     # A seeded sample of 8 test images from both classes, not the first (all NORMAL) rows.
     test_labels = load_split("test", trained / "data/processed").labels
     assert len(test_labels) > 8 and 0 < test_labels.mean() < 1
@@ -177,7 +178,7 @@ def test_gradcam_outputs_and_maps(trained: Path):
 
     classifier = Classifier.load(trained / "models/model.pt")
     images = np.asarray(load_split("test", trained / "data/processed").images[:4])
-    layer = resolve_target_layer(classifier.model, "features.denseblock3")
+    layer = resolve_target_layer(classifier.model, "layer3")
     cams = compute_cams(classifier.model, classifier.to_tensor(images), "gradcam", layer)
     assert cams.shape == images.shape
 

@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import save_file
 
 from cxr import pretrained
+from cxr.batches import DeviceData
 from cxr.model import (
     ModelCard,
     create_model,
@@ -25,8 +26,15 @@ from cxr.model import (
 )
 from cxr.params import ParamsError, load_params
 from cxr.pretrained import convert_by_order, resolve
-from cxr.training import DeviceData, Numerics, create_run, train_one_epoch, validate
+from cxr.training import (
+    Numerics,
+    create_run,
+    train_groups_of_epoch,
+    train_one_epoch,
+    validate,
+)
 from stages import pretrained as pretrained_stage
+from stages.validate import Params
 from tests.conftest import REPO, run_stage, set_params, tool_env
 
 LITE0 = "tf_efficientnet_lite0"
@@ -229,7 +237,7 @@ def test_the_head_learns_on_a_pretrained_file_during_the_frozen_phase(tmp_path: 
     load_pretrained(model, "resnet10t", weights)
     loaded = {k: v.clone() for k, v in model.state_dict().items()}
 
-    params = load_params(REPO / "params.yaml")
+    params = load_params(Params, REPO / "params.yaml")
     train_params = params.train.model_copy(update={"freeze_epochs": 1, "head_lr": 3e-3})
     params = params.model_copy(update={"train": train_params, "lr": 3e-4, "epochs": 6,
                                        "batch_size": 8})  # fmt: skip
@@ -240,6 +248,7 @@ def test_the_head_learns_on_a_pretrained_file_during_the_frozen_phase(tmp_path: 
 
     rates, step = [], run.scheduler.step
     run.scheduler.step = lambda: (rates.append(run.optimizer.param_groups[0]["lr"]), step())
+    train_groups_of_epoch(run, 1, params.train)
     train_one_epoch(run, train, params, numerics, torch.nn.BCEWithLogitsLoss(), epoch=1)
 
     assert rates == [3e-3] * 8  # every frozen step at head_lr: no warm-up, no decay

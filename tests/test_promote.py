@@ -50,6 +50,7 @@ def champion(client: mlflow.MlflowClient) -> str | None:
     return str(aliases["champion"]) if "champion" in aliases else None
 
 
+@pytest.mark.slow  # evaluate, registry and tools/promote.py end to end
 def test_several_new_versions_are_listed_and_none_is_promoted_without_a_choice(
     registry: mlflow.MlflowClient,
 ):
@@ -73,6 +74,7 @@ def test_several_new_versions_are_listed_and_none_is_promoted_without_a_choice(
     assert champion(registry) == "1"
 
 
+@pytest.mark.slow  # evaluate, registry and tools/promote.py end to end
 def test_the_one_version_since_the_champion_is_promoted_and_more_are_listed(
     registry: mlflow.MlflowClient,
 ):

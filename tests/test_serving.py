@@ -45,7 +45,16 @@ def evaluated(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     return folder, env
 
 
-STAGES_RUN = ("download", "split", "preprocess", "train", "guard", "evaluate", "gradcam")
+STAGES_RUN = (
+    "validate",
+    "download",
+    "split",
+    "preprocess",
+    "train",
+    "guard",
+    "evaluate",
+    "gradcam",
+)
 
 
 def commit_as_checkout(folder: Path, env: dict[str, str]) -> None:
@@ -193,6 +202,7 @@ def server(evaluated: tuple[Path, dict]) -> str:
         process.wait(timeout=30)
 
 
+@pytest.mark.slow  # `mlflow models serve` in its own environment
 def test_served_model_answers_like_the_cli(
     server: str, evaluated: tuple[Path, dict], xrays: list[Path], capsys: pytest.CaptureFixture
 ):
@@ -220,6 +230,7 @@ def test_promotion_points_champion_at_the_candidate(evaluated: tuple[Path, dict]
     assert int(client.get_model_version_by_alias(NAME, "champion").version) == 1
 
 
+@pytest.mark.slow  # `mlflow models serve` in its own environment
 def test_served_model_takes_a_bounded_load_without_error(server: str, xrays: list[Path]):
     """50 requests, 4 at a time, over loopback: every one answered, every answer the same."""
     with ThreadPoolExecutor(max_workers=4) as pool:

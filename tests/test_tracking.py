@@ -75,6 +75,7 @@ def _experiments_named(uri: str, name: str) -> list[str]:
     return [e.experiment_id for e in client.search_experiments(filter_string=f"name = '{name}'")]
 
 
+@pytest.mark.slow  # many processes opening one store at once
 def test_processes_opening_a_fresh_default_store_at_once_share_one_experiment(project: Path):
     outcomes = _race(configured_uri="")
 
@@ -84,6 +85,7 @@ def test_processes_opening_a_fresh_default_store_at_once_share_one_experiment(pr
     assert _experiments_named(uri, EXPERIMENT) == list(ids)
 
 
+@pytest.mark.slow  # many processes opening one store at once
 def test_processes_creating_one_experiment_on_a_shared_store_at_once_share_it(project: Path):
     # A store of the user's (or a team server) gets no lock: a lost create must re-read.
     uri = f"sqlite:///{project / 'shared.db'}"

@@ -10,27 +10,26 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from cxr import device, stage, training
+from cxr import batches, device, schedule, stage, training
+from cxr.augment import AugmentParams
+from cxr.augment import augment as augment_batch
+from cxr.batches import DeviceData, StreamedData
 from cxr.classifier import Classifier
 from cxr.device import autocast_dtype, grad_scaler
 from cxr.images import load_square
 from cxr.model import ModelCard, create_model, save_model
-from cxr.params import AugmentParams, Params, ParamsError, load_params
+from cxr.params import ParamsError, load_params
+from cxr.schedule import Schedule, first_trainable_group, layer_groups, set_trainable
 from cxr.training import (
-    DeviceData,
     Numerics,
+    Params,
     Run,
-    StreamedData,
     create_run,
-    first_trainable_group,
     fit,
-    layer_groups,
     new_progress,
-    set_trainable,
+    train_groups_of_epoch,
     train_one_epoch,
-    warmup_cosine,
 )
-from cxr.training import augment as augment_batch
 from tests.conftest import REPO
 
 SIZE = 32
@@ -52,7 +51,7 @@ def replace(params: Params, **changes) -> Params:
 
 @pytest.fixture
 def params() -> Params:
-    return replace(load_params(REPO / "params.yaml"), batch_size=16, lr=2e-3, epochs=4)
+    return replace(load_params(Params, REPO / "params.yaml"), batch_size=16, lr=2e-3, epochs=4)
 
 
 def _squares(n: int, seed: int) -> DeviceData:
@@ -74,6 +73,7 @@ def _run(params: Params, seed: int = 0) -> Run:
 
 
 def _epoch(run: Run, data: DeviceData, params: Params, epoch: int = 1) -> float:
+    train_groups_of_epoch(run, epoch, params.train)
     return train_one_epoch(run, data, params, CPU, LOSS, epoch)[0]
 
 
@@ -199,7 +199,7 @@ def test_frozen_groups_keep_batchnorm_statistics_in_eval_mode(params: Params):
     assert [p.requires_grad for p in run.model.parameters()].count(True) == 11
 
 
-def _lrs(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> list[list[float]]:
+def _lrs(scheduler: Schedule, steps: int) -> list[list[float]]:
     """Each group's learning rate at each step."""
     optimizer, lrs = scheduler.optimizer, []
     for _ in range(steps):
@@ -212,49 +212,47 @@ def _lrs(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> list[li
 def test_warmup_rises_linearly_then_cosine_decays_to_min_lr():
     weights = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([weights], lr=1.0)
-    scheduler = warmup_cosine(optimizer, warmup_steps=4, total_steps=12, min_lr=0.01)
+    scheduler = Schedule(optimizer, warmup_steps=4, total_steps=12, min_lr=0.01)
     lrs = [lr for (lr,) in _lrs(scheduler, 12)]
-    np.testing.assert_allclose(lrs[:5], [0.25, 0.5, 0.75, 1.0, 1.0])
-    assert all(a > b for a, b in itertools.pairwise(lrs[4:]))
-    np.testing.assert_allclose(optimizer.param_groups[0]["lr"], 0.01)
+    np.testing.assert_allclose(lrs[:4], [0.25, 0.5, 0.75, 1.0])  # no step at rate 0
+    assert all(a > b for a, b in itertools.pairwise(lrs[3:]))
+    np.testing.assert_allclose(lrs[-2], 0.01 + 0.99 * (1 + np.cos(np.pi * 7 / 8)) / 2)
+    np.testing.assert_allclose(lrs[-1], 0.01)  # annealed to min_lr by the last step
 
 
-def test_without_frozen_steps_the_schedule_is_the_former_linear_then_cosine_one():
-    """freeze_epochs 0 (the demo) trains exactly as before the transfer schedule."""
-    for warmup in (0, 1, 5):
-        ours = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
-        former = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-            former, T_max=max(1, 40 - warmup), eta_min=1e-6
-        )
-        reference = cosine
-        if warmup:
-            linear = torch.optim.lr_scheduler.LinearLR(
-                former, start_factor=1 / warmup, total_iters=max(1, warmup - 1)
-            )
-            reference = torch.optim.lr_scheduler.SequentialLR(former, [linear, cosine], [warmup])
-        np.testing.assert_allclose(
-            _lrs(warmup_cosine(ours, warmup, 40, 1e-6), 41), _lrs(reference, 41), rtol=1e-9
-        )
+def test_a_schedule_resumed_from_its_state_continues_exactly():
+    """The checkpoint holds the schedule's state: a resumed run steps on at the same rates."""
+
+    def fresh() -> Schedule:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+        return Schedule(optimizer, 3, 20, 1e-6, frozen_steps=4, head_lr=1e-2)
+
+    straight = _lrs(fresh(), 20)
+    first = fresh()
+    before = _lrs(first, 9)
+    resumed = fresh()
+    resumed.load_state_dict(first.state_dict())
+    np.testing.assert_allclose(before + _lrs(resumed, 11), straight, rtol=1e-12)
 
 
 def test_the_frozen_phase_trains_the_head_at_head_lr_and_the_schedule_starts_after_it():
     """A frozen epoch must not spend warm-up and decay: the head learns at a steady head_lr,
     then the backbone thaws into warm-up and cosine, at its own scaled rate."""
     model = create_model("resnet10t", "none")
-    groups = training.parameter_groups(model, lr=1e-3, weight_decay=0.05, backbone_lr_scale=0.1)
+    groups = schedule.parameter_groups(model, lr=1e-3, weight_decay=0.05, backbone_lr_scale=0.1)
     assert [g["head"] for g in groups] == [True, True, False, False]  # the head's group first
     optimizer = torch.optim.AdamW(groups, lr=1e-3)
-    scheduler = warmup_cosine(
+    scheduler = Schedule(
         optimizer, warmup_steps=2, total_steps=10, min_lr=1e-5, frozen_steps=4, head_lr=5e-3
     )
     lrs = np.array(_lrs(scheduler, 10))
     head, backbone = lrs[:, 0], lrs[:, 2]
     np.testing.assert_allclose(head[:4], 5e-3)  # constant: no warm-up, no decay while frozen
     np.testing.assert_allclose(backbone[:4], 5e-5)  # moot while frozen: the rate it thaws into
-    np.testing.assert_allclose(head[4:7], [5e-4, 1e-3, 1e-3])  # warm-up from the thaw
-    np.testing.assert_allclose(backbone[4:], 0.1 * head[4:])
-    assert all(a > b for a, b in itertools.pairwise(head[6:]))
+    np.testing.assert_allclose(head[4:6], [5e-4, 1e-3])  # warm-up from the thaw
+    np.testing.assert_allclose(backbone[4:6], 0.1 * head[4:6])  # the backbone at its scale
+    assert all(a > b for a, b in itertools.pairwise(head[5:]))
+    assert all(a > b for a, b in itertools.pairwise(backbone[5:]))
     np.testing.assert_allclose(optimizer.param_groups[0]["lr"], 1e-5)  # annealed to min_lr
 
 
@@ -418,13 +416,13 @@ def test_streamed_batches_come_in_order_from_the_array():
 
 def test_a_batch_too_small_to_share_joins_the_one_before():
     labels = torch.zeros(33)
-    alone = training.batch_order(labels, 16, False, torch.Generator().manual_seed(0))
-    shared = training.batch_order(labels, 16, False, torch.Generator().manual_seed(0), 2)
+    alone = batches.batch_order(labels, 16, False, torch.Generator().manual_seed(0))
+    shared = batches.batch_order(labels, 16, False, torch.Generator().manual_seed(0), 2)
     assert [len(b) for b in alone] == [16, 16, 1]
     assert [len(b) for b in shared] == [16, 17]
     assert torch.equal(torch.cat(shared), torch.cat(alone))
-    assert training.steps_per_epoch(33, 16, 1) == 3 and training.steps_per_epoch(33, 16, 2) == 2
-    assert training.steps_per_epoch(34, 16, 2) == 3 and training.steps_per_epoch(8, 16, 4) == 1
+    assert batches.steps_per_epoch(33, 16, 1) == 3 and batches.steps_per_epoch(33, 16, 2) == 2
+    assert batches.steps_per_epoch(34, 16, 2) == 3 and batches.steps_per_epoch(8, 16, 4) == 1
 
 
 def test_each_process_augments_its_rows_as_one_process_augments_the_batch(params: Params):

@@ -23,7 +23,7 @@ import sys
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 
-from cxr.params import load_params
+from cxr.params import StageParams, load_params
 from cxr.tracking import tracking_uri
 
 CHAMPION = "champion"
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         "--version", help="version number (default: the one registered since the champion)"
     )
     args = parser.parse_args(argv)
-    settings = load_params().mlflow
+    settings = load_params(StageParams).mlflow
     client = mlflow.MlflowClient(tracking_uri(settings.tracking_uri))
     name = settings.registered_model
     if args.version:

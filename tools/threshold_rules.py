@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr.dataset import CLASSES
+from cxr.classes import CLASSES
 from cxr.evaluation import choose_threshold
 
 RULES = [  # (strategy, youden tolerance, target sensitivity)
