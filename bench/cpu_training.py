@@ -87,7 +87,7 @@ def profile(setup: Setup, batches: int) -> None:
         torch.randint(0, 256, (n, p.image_size, p.image_size), generator=generator).byte(),
         (torch.rand(n, generator=generator) < 0.75).float(),
     )
-    train_groups_of_epoch(setup.run, p.epochs, p.train)
+    train_groups_of_epoch(setup.run.model, p.epochs, p.train)
     train_one_epoch(setup.run, data, p, setup.numerics, setup.loss_fn, epoch=p.epochs)  # warm-up
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         train_one_epoch(setup.run, data, p, setup.numerics, setup.loss_fn, epoch=p.epochs)

@@ -85,7 +85,7 @@ class OurLoop:
         data = self.data(np.arange(steps * s.params.batch_size) % len(self.images))
         sync(s.numerics.device)
         self.epoch += 1
-        train_groups_of_epoch(s.run, self.epoch, s.params.train)
+        train_groups_of_epoch(s.run.model, self.epoch, s.params.train)
         started = time.perf_counter()
         train_one_epoch(s.run, data, s.params, s.numerics, s.loss_fn, self.epoch)
         return time.perf_counter() - started  # its closing loss.item() waited for the device

@@ -58,6 +58,7 @@ class Schedule:
         head_lr: float | None = None,
     ) -> None:
         self.optimizer, self.frozen_steps, self.head_lr = optimizer, frozen_steps, head_lr
+        self.warmup_steps = warmup_steps
         self.cosine = CosineLRScheduler(
             optimizer,
             t_initial=max(1, total_steps - frozen_steps - warmup_steps),
@@ -76,10 +77,11 @@ class Schedule:
         self._set_rates()
 
     def _set_rates(self) -> None:
-        # timm's warm-up gives update 0 a rate of 0; counting from 1, the first step after the
-        # thaw trains at rate / warmup_steps and the last warm-up step at the full rate. Frozen
-        # groups wait at the rate they thaw into.
-        self.cosine.step_update(max(0, self.steps - self.frozen_steps) + 1)
+        # Steps since the thaw. timm's warm-up gives its update 0 a rate of 0, so warm-up steps
+        # count from 1: the first trains at rate / warmup_steps, the last at the full rate, and
+        # the cosine starts from its peak. Frozen groups wait at the rate they thaw into.
+        step = max(0, self.steps - self.frozen_steps)
+        self.cosine.step_update(step + 1 if step < self.warmup_steps else step)
         if self.steps < self.frozen_steps:
             for group in self.optimizer.param_groups:
                 if group.get("head", True):

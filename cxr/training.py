@@ -259,15 +259,14 @@ def train_step(
     return loss.detach()
 
 
-def train_groups_of_epoch(run: Run, epoch: int, settings: TrainParams) -> None:
+def train_groups_of_epoch(model: nn.Module, epoch: int, settings: TrainParams) -> int:
     """Make trainable the groups transfer learning's schedule gives this epoch (the head alone
-    while frozen), in training mode with frozen BatchNorm statistics kept; and wrap the model
-    again for DDP when they change, since DDP registers the trainable parameters as it wraps."""
-    groups = layer_groups(run.model)
+    while frozen), in training mode with frozen BatchNorm statistics kept; returns the first
+    trainable group."""
+    groups = layer_groups(model)
     first = first_trainable_group(epoch, settings.freeze_epochs, settings.unfreeze, len(groups))
-    set_trainable(run.model, groups, first)
-    if first != run.trainable_from:
-        run.forward, run.trainable_from = wrap(run.model, run.ranks, run.compile), first
+    set_trainable(model, groups, first)
+    return first
 
 
 def train_one_epoch(
@@ -359,7 +358,9 @@ def fit(
     """
     main = run.ranks.main
     for epoch in range(progress["epoch"] + 1, params.epochs + 1):
-        train_groups_of_epoch(run, epoch, params.train)  # and DDP-wraps them when they change
+        first = train_groups_of_epoch(run.model, epoch, params.train)
+        if first != run.trainable_from:  # DDP registers the trainable parameters as it wraps
+            run.forward, run.trainable_from = wrap(run.model, run.ranks, run.compile), first
         lr = run.optimizer.param_groups[0]["lr"]
         train_loss, rate = train_one_epoch(run, train, params, numerics, loss_fn, epoch)
         val_loss, val_auc = math.nan, math.nan

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -26,9 +27,8 @@ PROJECT_FILES = ("cxr", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", "
 
 # Small enough that the pipeline runs in seconds on a CPU: timm's test_resnet (0.4M weights,
 # ten times faster than DenseNet121 at 32 px) wherever DenseNet121 is not the subject; the tests
-# that are about it set `DENSENET` (the DVC workflow's `dvc repro`, Grad-CAM's default layer).
+# that are about it build one (Grad-CAM's default layer, DenseNet121 under torchrun).
 TINY_ARCH = "test_resnet"
-DENSENET = {"model": {"arch": "densenet121"}, "gradcam": {"target_layer": "features.denseblock3"}}
 TINY_PARAMS = {
     "image_size": 32,
     "model": {"arch": TINY_ARCH},
@@ -52,6 +52,17 @@ def stage_argv(folder: Path, stage: str) -> list[str]:
 def run_stage(folder: Path, stage: str, env: dict[str, str] | None = None) -> str:
     """Run a stage as DVC would, in a subprocess, with the command line from dvc.yaml."""
     return sh(folder, sys.executable, "-m", f"stages.{stage}", *stage_argv(folder, stage), env=env)
+
+
+def run_stage_in_process(folder: Path, stage: str) -> None:
+    """Run a stage's `main` in this process with its command line from dvc.yaml, in `folder`:
+    for fixtures that only need the stage's outputs (neither DVC nor a fresh interpreter is
+    their subject), without a Python start and imports per stage. Only for stages that log
+    nothing to MLflow, whose tracking URI would outlive the call."""
+    module = importlib.import_module(f"stages.{stage}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        module.main(stage_argv(folder, stage))
 
 
 def set_params(folder: Path, overrides: dict) -> None:
@@ -238,7 +249,7 @@ def prepared_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (read-only use)."""
     folder = copy_project(tmp_path_factory.mktemp("prepared") / "project")
     for stage in ("validate", "download", "split", "preprocess", "pretrained"):
-        run_stage(folder, stage)
+        run_stage_in_process(folder, stage)
     return folder
 
 

@@ -20,9 +20,7 @@ from dvc.repo import Repo
 from cxr.params import as_flat_dict, load_params
 from stages.validate import Params
 from tests.conftest import (
-    DENSENET,
     REPO,
-    TINY_ARCH,
     copy_project,
     free_port,
     serve,
@@ -39,7 +37,6 @@ pytestmark = pytest.mark.slow
 def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     tmp = tmp_path_factory.mktemp("dvc")
     folder = copy_project(tmp / "project")
-    set_params(folder, DENSENET)  # the mission's model, end to end under DVC
     env = tool_env(tmp)
     sh(folder, "git", "init", "-q", "-b", "main", env=env)
     sh(folder, sys.executable, "-m", "dvc", "init", "-q", env=env)
@@ -358,12 +355,7 @@ def test_queued_experiments_log_to_a_tracking_server_two_at_a_time_from_a_fresh_
     # runtime.threads 0: each of the two workers takes half the cores (cxr/device.py).
     set_params(
         clone,
-        {
-            "data": {"source": "local", "local_path": "../xrays"},
-            "runtime": {"threads": 0},
-            "model": {"arch": TINY_ARCH},  # the queue is the subject here, not the network
-            "gradcam": {"target_layer": ""},
-        },
+        {"data": {"source": "local", "local_path": "../xrays"}, "runtime": {"threads": 0}},
     )
     sh(clone, "git", "commit", "-qam", "local source, relative path", env=env)
     for setting in ("lr=0.002", "lr=0.003", "seed=1"):

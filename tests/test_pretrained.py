@@ -248,7 +248,7 @@ def test_the_head_learns_on_a_pretrained_file_during_the_frozen_phase(tmp_path: 
 
     rates, step = [], run.scheduler.step
     run.scheduler.step = lambda: (rates.append(run.optimizer.param_groups[0]["lr"]), step())
-    train_groups_of_epoch(run, 1, params.train)
+    train_groups_of_epoch(run.model, 1, params.train)
     train_one_epoch(run, train, params, numerics, torch.nn.BCEWithLogitsLoss(), epoch=1)
 
     assert rates == [3e-3] * 8  # every frozen step at head_lr: no warm-up, no decay

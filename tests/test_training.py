@@ -73,7 +73,7 @@ def _run(params: Params, seed: int = 0) -> Run:
 
 
 def _epoch(run: Run, data: DeviceData, params: Params, epoch: int = 1) -> float:
-    train_groups_of_epoch(run, epoch, params.train)
+    train_groups_of_epoch(run.model, epoch, params.train)
     return train_one_epoch(run, data, params, CPU, LOSS, epoch)[0]
 
 
@@ -214,10 +214,10 @@ def test_warmup_rises_linearly_then_cosine_decays_to_min_lr():
     optimizer = torch.optim.SGD([weights], lr=1.0)
     scheduler = Schedule(optimizer, warmup_steps=4, total_steps=12, min_lr=0.01)
     lrs = [lr for (lr,) in _lrs(scheduler, 12)]
-    np.testing.assert_allclose(lrs[:4], [0.25, 0.5, 0.75, 1.0])  # no step at rate 0
-    assert all(a > b for a, b in itertools.pairwise(lrs[3:]))
-    np.testing.assert_allclose(lrs[-2], 0.01 + 0.99 * (1 + np.cos(np.pi * 7 / 8)) / 2)
-    np.testing.assert_allclose(lrs[-1], 0.01)  # annealed to min_lr by the last step
+    np.testing.assert_allclose(lrs[:5], [0.25, 0.5, 0.75, 1.0, 1.0])  # no step at rate 0
+    assert all(a > b for a, b in itertools.pairwise(lrs[4:]))
+    np.testing.assert_allclose(lrs[-1], 0.01 + 0.99 * (1 + np.cos(np.pi * 7 / 8)) / 2)
+    np.testing.assert_allclose(optimizer.param_groups[0]["lr"], 0.01)  # annealed to min_lr
 
 
 def test_a_schedule_resumed_from_its_state_continues_exactly():
@@ -249,10 +249,10 @@ def test_the_frozen_phase_trains_the_head_at_head_lr_and_the_schedule_starts_aft
     head, backbone = lrs[:, 0], lrs[:, 2]
     np.testing.assert_allclose(head[:4], 5e-3)  # constant: no warm-up, no decay while frozen
     np.testing.assert_allclose(backbone[:4], 5e-5)  # moot while frozen: the rate it thaws into
-    np.testing.assert_allclose(head[4:6], [5e-4, 1e-3])  # warm-up from the thaw
-    np.testing.assert_allclose(backbone[4:6], 0.1 * head[4:6])  # the backbone at its scale
-    assert all(a > b for a, b in itertools.pairwise(head[5:]))
-    assert all(a > b for a, b in itertools.pairwise(backbone[5:]))
+    np.testing.assert_allclose(head[4:7], [5e-4, 1e-3, 1e-3])  # warm-up from the thaw
+    np.testing.assert_allclose(backbone[4:7], 0.1 * head[4:7])  # the backbone at its scale
+    assert all(a > b for a, b in itertools.pairwise(head[6:]))
+    assert all(a > b for a, b in itertools.pairwise(backbone[6:]))
     np.testing.assert_allclose(optimizer.param_groups[0]["lr"], 1e-5)  # annealed to min_lr
 
 
