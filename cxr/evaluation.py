@@ -124,6 +124,21 @@ def choose_threshold(
     return float(thresholds[best])
 
 
+def accuracy_picked_threshold(labels: ArrayLike, probs: ArrayLike) -> float:
+    """The threshold of highest accuracy on these labels: the older projects' operating point,
+    picked on the test set they then report (their validation folder holds 16 images).
+
+    For the labelled comparison row alone (`test_notebook_protocol`), so a reader sees how much
+    of a gap to their figures is protocol; no choice here ever calls it.
+    """
+    labels, probs = _arrays(labels, probs)
+    fpr, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
+    thresholds[0] = np.nextafter(thresholds[1], np.inf)
+    positives = labels.sum()
+    correct = tpr * positives + (1 - fpr) * (labels.size - positives)
+    return float(thresholds[np.argmax(correct)])
+
+
 def _middle_of_plateau(thresholds: np.ndarray, j: np.ndarray, tolerance: float) -> float:
     """The logit-space middle of the widest unbroken run of thresholds whose J is within
     `tolerance` of the best and that holds a best one.

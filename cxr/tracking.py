@@ -107,6 +107,23 @@ def start_stage_run(
     )
 
 
+def resumable_run(run_id: str | None) -> str | None:
+    """The interrupted training run to continue, or None to start a new one.
+
+    A checkpoint outlives its store when the store is deleted or the tracking URI changes
+    between the interruption and the resume; the weights still resume, and the rest of the
+    training goes to a new run that says which run it continues.
+    """
+    if _training_run(mlflow.MlflowClient(mlflow.get_tracking_uri()), run_id or "") is not None:
+        return run_id
+    if run_id:
+        print(
+            f"MLflow run {run_id!r} of the checkpoint is not in {mlflow.get_tracking_uri()}: "
+            "logging the resumed training to a new run"
+        )
+    return None
+
+
 def run_tags() -> dict[str, str]:
     """DVC experiment, git state and data hashes, so a run can be traced back to its inputs.
 

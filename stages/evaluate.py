@@ -15,6 +15,9 @@ honest measure of what it achieved.
 The deployed model diagnoses only what its input guard lets through, so each split is reported
 twice: over all images (`test`), as a bare network would be judged, and over the images the
 guard accepts (`test_accepted`), with the share it refuses (`test.refused`) beside them.
+
+`test_notebook_protocol` is the same model under the older projects' protocol: the threshold of
+best test accuracy, picked on the test set. It is a labelled comparison row, never a choice.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from cxr.device import pick_device, use_cpu_threads
 from cxr.evaluation import (
     TEMPERATURE_BOUNDS,
     EvaluateParams,
+    accuracy_picked_threshold,
     bootstrap_intervals,
     calibration_table,
     choose_threshold,
@@ -98,6 +102,14 @@ def save_plot_data(
     return save_figures(
         folder / "figures", split, tables, metrics, probs, threshold, bins, uncalibrated=before
     )
+
+
+def notebook_protocol(labels: np.ndarray, probs: np.ndarray, bins: int) -> dict:
+    """Test accuracy, sensitivity and specificity at the threshold picked on test itself."""
+    threshold = accuracy_picked_threshold(labels, probs)
+    metrics = classification_metrics(labels, probs, threshold, bins)
+    kept = ("accuracy", "sensitivity", "specificity", "f1")
+    return {"threshold_picked_on_test": round(threshold, 6)} | {k: metrics[k] for k in kept}
 
 
 def predictions_table(
@@ -181,6 +193,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         predictions.append(predictions_table(name, data, probs[name], assessed[name], threshold))
 
+    report["test_notebook_protocol"] = notebook_protocol(
+        splits["test"].labels, probs["test"], settings.calibration_bins
+    )
+
     write_json(args.metrics, report)
     write_json(
         args.threshold,
@@ -248,6 +264,12 @@ def main(argv: list[str] | None = None) -> None:
                 f" sensitivity {m['specificity_at_95_sensitivity']}"
             )
         print(f"{'':>13}  the guard refuses {report[name]['refused']:.1%} of {name} images")
+    m = report["test_notebook_protocol"]
+    print(
+        f"test, threshold {m['threshold_picked_on_test']:.4f} picked on test (the older projects'"
+        f" protocol, for comparison only): accuracy {m['accuracy']}  sensitivity"
+        f" {m['sensitivity']}  specificity {m['specificity']}"
+    )
     print(
         f"temperature {temperature:.4f} ({settings.calibration}), threshold {threshold:.4f}"
         f" ({settings.threshold}), both chosen on validation"

@@ -162,13 +162,14 @@ def train_model(
 
     experiment_id = tracking.use_experiment(params.mlflow.experiment, params.mlflow.tracking_uri)
     started = time.perf_counter()
-    with mlflow.start_run(
-        run_id=saved["mlflow_run_id"] if saved else None, experiment_id=experiment_id
-    ) as active:
-        if not saved:
+    resumed_run = tracking.resumable_run(saved["mlflow_run_id"] if saved else None)
+    with mlflow.start_run(run_id=resumed_run, experiment_id=experiment_id) as active:
+        if resumed_run is None:
             tracking.log_params(as_flat_dict(params))
             tracking.log_params(pretrained_record(weights))
         mlflow.set_tags({**tracking.run_tags(), **pretrained_record(weights), "dvc.stage": "train"})
+        if saved and resumed_run is None:
+            mlflow.set_tag("resumed_from_run_id", saved["mlflow_run_id"])
 
         def on_epoch_end(progress: dict) -> None:
             record = progress["history"][-1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import json
 import os
 import shutil
@@ -19,7 +20,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +39,7 @@ TINY_PARAMS = {
     "batch_size": 16,
     "data": {"demo_patients": 40, "demo_min_side": 48, "demo_max_side": 80},
     "train": {"patience": 2},
-    "runtime": {"workers": 1, "threads": 2},
+    "runtime": {"workers": 1, "threads": 1},  # one core per pytest-xdist worker
     "guard": {"ood_images": 8},
     "evaluate": {"bootstrap": 50},
     "gradcam": {"per_outcome": 1, "score_images": 8, "target_layer": "layer3"},  # 2x2 maps
@@ -54,15 +57,38 @@ def run_stage(folder: Path, stage: str, env: dict[str, str] | None = None) -> st
     return sh(folder, sys.executable, "-m", f"stages.{stage}", *stage_argv(folder, stage), env=env)
 
 
-def run_stage_in_process(folder: Path, stage: str) -> None:
-    """Run a stage's `main` in this process with its command line from dvc.yaml, in `folder`:
-    for fixtures that only need the stage's outputs (neither DVC nor a fresh interpreter is
-    their subject), without a Python start and imports per stage. Only for stages that log
-    nothing to MLflow, whose tracking URI would outlive the call."""
+def run_stage_in_process(folder: Path, stage: str, tracking_uri: str | None = None) -> str:
+    """Run a stage's `main` in this process with its command line from dvc.yaml, in `folder`,
+    and return what it printed: for tests whose subject is the stage's outputs (neither DVC nor
+    a fresh interpreter), without a Python start and imports per stage.
+
+    What a stage leaves in the process is put back: MLflow keeps the tracking URI in a global
+    (and in $MLFLOW_TRACKING_URI), training sets torch's thread count.
+    """
     module = importlib.import_module(f"stages.{stage}")
-    with pytest.MonkeyPatch.context() as patch:
+    threads = torch.get_num_threads()
+    printed = io.StringIO()
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        contextlib.redirect_stdout(printed),
+        contextlib.redirect_stderr(printed),
+    ):
         patch.chdir(folder)
-        module.main(stage_argv(folder, stage))
+        if tracking_uri:
+            patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        else:
+            patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        try:
+            module.main(stage_argv(folder, stage))
+        finally:
+            mlflow.set_tracking_uri(None)  # before the patch restores the variable
+            torch.set_num_threads(threads)
+    return printed.getvalue()
+
+
+def store_uri(folder: Path) -> str:
+    """An MLflow store beside a test's project, as tool_env gives stage subprocesses."""
+    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 def set_params(folder: Path, overrides: dict) -> None:
@@ -97,7 +123,7 @@ def tool_env(tmp: Path) -> dict[str, str]:
     """Environment for DVC and stage subprocesses: this venv first, MLflow in a temp store."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    env["MLFLOW_TRACKING_URI"] = store_uri(tmp)
     env["DVC_NO_ANALYTICS"] = "1"
     env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "test"
     env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@example.com"
@@ -196,6 +222,12 @@ class Server:
     workdir: Path  # the server's working directory and TMPDIR, empty at the start
 
 
+# pytest-xdist runs a test process per core (pyproject.toml): each takes its share, since torch
+# would start a thread per core in every one and they would evict each other's caches.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 LAYER = "layer2"  # test_resnet's 4x4 maps at the tiny 32 px (the last block's are 1x1)
 
 
@@ -239,7 +271,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the project with tiny params, as the working directory."""
     folder = copy_project(tmp_path / "project")
     monkeypatch.chdir(folder)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(tmp_path))
     return folder
 
 
@@ -259,7 +291,6 @@ def trained(prepared_project: Path, tmp_path_factory: pytest.TempPathFactory) ->
     tmp = tmp_path_factory.mktemp("trained")
     folder = tmp / "project"
     shutil.copytree(prepared_project, folder)
-    env = tool_env(tmp)
     for stage in ("train", "guard", "evaluate", "gradcam"):
-        run_stage(folder, stage, env=env)
+        run_stage_in_process(folder, stage, store_uri(tmp))
     return folder

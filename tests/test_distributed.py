@@ -12,7 +12,14 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import run_stage, set_params, stage_argv, tool_env
+from tests.conftest import (
+    run_stage,
+    run_stage_in_process,
+    set_params,
+    stage_argv,
+    store_uri,
+    tool_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +55,10 @@ def one_and_two(prepared_project: Path, tmp_path_factory: pytest.TempPathFactory
     runs = {}
     for processes in (1, 2):
         folder = _project(prepared_project, tmp_path_factory.mktemp("ddp"), processes)
-        runs[processes] = (folder, run_stage(folder, "train", env=_env(folder)))
+        if processes == 1:  # in this process: torchrun is the subject only with 2
+            runs[1] = (folder, run_stage_in_process(folder, "train", store_uri(folder.parent)))
+        else:
+            runs[2] = (folder, run_stage(folder, "train", env=_env(folder)))
     return runs
 
 

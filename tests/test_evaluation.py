@@ -27,6 +27,7 @@ from sklearn.metrics import (
 from cxr.classifier import probability_from_logit
 from cxr.evaluation import (
     TEMPERATURE_BOUNDS,
+    accuracy_picked_threshold,
     bootstrap_intervals,
     choose_threshold,
     classification_metrics,
@@ -635,3 +636,18 @@ def test_save_history_figure_writes_one_png(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["history.png"]
     with Image.open(path) as image:
         assert (image.format, image.size) == ("PNG", (1000, 400))  # 10 x 4 inches at 100 dpi
+
+
+def test_the_notebook_protocol_threshold_has_the_best_accuracy_of_any_threshold():
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        n = int(rng.integers(2, 40))
+        labels = rng.integers(0, 2, n)
+        labels[:2] = [0, 1]
+        probs = rng.choice(np.linspace(0, 1, 9), n)  # ties
+        picked = accuracy_picked_threshold(labels, probs)
+        best = max(accuracy_score(labels, probs >= t) for t in [*np.unique(probs), 1.1])
+        assert accuracy_score(labels, probs >= picked) == pytest.approx(best)
+    # A negative above every positive: the best threshold keeps all positives and that error.
+    labels, probs = np.array([0, 1, 1, 0, 1]), np.array([0.9, 0.8, 0.7, 0.2, 0.6])
+    assert accuracy_picked_threshold(labels, probs) == pytest.approx(0.6)

@@ -18,7 +18,7 @@ from cxr.model import ModelCard, create_model, save_model
 from cxr.onnx_model import load_onnx
 from cxr.predict import main as predict
 from cxr.processed import load_split
-from tests.conftest import run_stage, set_params, stage_argv, tool_env
+from tests.conftest import run_stage_in_process, set_params, stage_argv, store_uri, tool_env
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,8 @@ def exported(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(trained, folder)
     # with flip TTA, so the ONNX side's mirrored pass is exercised and compared too
     set_params(folder, {"evaluate": {"flip_tta": True}})
-    run_stage(folder, "evaluate", env=tool_env(tmp))
-    out = run_stage(folder, "export", env=tool_env(tmp))
+    run_stage_in_process(folder, "evaluate", store_uri(tmp))
+    out = run_stage_in_process(folder, "export", store_uri(tmp))
     assert "models/model.onnx: opset 18" in out
     return folder
 

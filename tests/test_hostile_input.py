@@ -26,7 +26,14 @@ from PIL import Image
 
 from cxr.predict import main as predict
 from cxr.preprocessing import decode_all
-from tests.conftest import LAYER, free_port, request_json, run_stage, serve, tool_env
+from tests.conftest import (
+    LAYER,
+    free_port,
+    request_json,
+    run_stage_in_process,
+    serve,
+    tool_env,
+)
 
 # PIL warns of an image over 50 MP as it opens it; load_square then refuses it by name
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -205,7 +212,7 @@ def served(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     folder = tmp / "project"
     shutil.copytree(trained, folder)
     env = tool_env(tmp)
-    run_stage(folder, "evaluate", env=env)
+    run_stage_in_process(folder, "evaluate", env["MLFLOW_TRACKING_URI"])
     port = free_port()
     command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve",
                "-m", f"models:/{NAME}@candidate", "--env-manager", "local",

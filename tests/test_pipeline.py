@@ -22,7 +22,14 @@ from cxr.predict import main as predict
 from cxr.processed import load_split
 from stages import gradcam, train
 from stages.validate import Params
-from tests.conftest import TINY_ARCH, run_stage, set_params, stage_argv, tool_env
+from tests.conftest import (
+    TINY_ARCH,
+    run_stage_in_process,
+    set_params,
+    stage_argv,
+    store_uri,
+    tool_env,
+)
 
 
 def _runs(store: Path) -> tuple[mlflow.MlflowClient, list]:
@@ -86,6 +93,9 @@ def test_evaluate_outputs(trained: Path):
         assert 0 <= report[split]["specificity_at_95_sensitivity"] <= 1
         before = pd.read_csv(trained / f"plots/evaluate/{split}_calibration_uncalibrated.csv")
         assert before["count"].sum() == report[split]["n"]
+    # The older projects' protocol, labelled: no threshold does better on test than its own.
+    notebook = report["test_notebook_protocol"]
+    assert notebook["accuracy"] >= report["test"]["accuracy"]
     predictions = pd.read_csv(trained / "data/predictions.csv")
     test = predictions[predictions["split"] == "test"]
     assert len(test) == report["test"]["n"]
@@ -251,6 +261,39 @@ def test_interrupted_training_resumes_to_the_same_model(
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")] == [1, 2]
 
 
+def test_a_checkpoint_whose_run_left_the_store_resumes_into_a_new_run(
+    prepared_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    folder = tmp_path / "project"
+    shutil.copytree(prepared_project, folder)
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'first.db'}")
+    original = training.validate
+    calls = []
+
+    def validate_then_crash(*args):  # after epoch 1's checkpoint
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(training, "validate", validate_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(stage_argv(folder, "train"))
+    interrupted = torch.load("checkpoints/train.pt", weights_only=True)["mlflow_run_id"]
+
+    monkeypatch.undo()  # the original validate; then a store that never saw the run
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'second.db'}")
+    train.main(stage_argv(folder, "train"))
+    assert f"MLflow run {interrupted!r} of the checkpoint is not in" in capsys.readouterr().out
+    _, (run,) = _runs(tmp_path / "second.db")
+    assert run.info.run_id != interrupted
+    assert run.data.tags["resumed_from_run_id"] == interrupted
+    assert run.data.params["lr"] == "0.001"  # a new run gets the params
+    assert Path("models/model.pt").exists()
+
+
 def test_threshold_is_chosen_without_reading_test_labels(trained: Path, tmp_path: Path):
     folder = tmp_path / "project"
     shutil.copytree(trained, folder)
@@ -260,7 +303,7 @@ def test_threshold_is_chosen_without_reading_test_labels(trained: Path, tmp_path
     swapped = {"NORMAL": "PNEUMONIA", "PNEUMONIA": "NORMAL"}
     index.loc[is_test, "label"] = index.loc[is_test, "label"].map(swapped)
     index.to_csv(index_file, index=False)
-    run_stage(folder, "evaluate", env=tool_env(tmp_path))
+    run_stage_in_process(folder, "evaluate", store_uri(tmp_path))
 
     before = json.loads((trained / "metrics/evaluate.json").read_text())
     after = json.loads((folder / "metrics/evaluate.json").read_text())
@@ -274,9 +317,7 @@ def test_flip_tta_is_scored_and_stored_for_inference(trained: Path, tmp_path: Pa
     folder = tmp_path / "project"
     shutil.copytree(trained, folder)
     set_params(folder, {"evaluate": {"flip_tta": True}})
-    env = tool_env(tmp_path)
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{trained.parent / 'mlflow.db'}"  # the same store
-    run_stage(folder, "evaluate", env=env)
+    run_stage_in_process(folder, "evaluate", store_uri(trained.parent))  # the same store
 
     assert json.loads((folder / "models/threshold.json").read_text())["flip_tta"] is True
     classifier = Classifier.load(folder / "models/model.pt")

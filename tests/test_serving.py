@@ -21,7 +21,7 @@ from PIL import Image
 
 from cxr.classifier import Classifier
 from cxr.predict import main as predict
-from tests.conftest import REPO, free_port, run_stage, serve, sh, tool_env
+from tests.conftest import REPO, free_port, run_stage_in_process, serve, sh, tool_env
 
 NAME = "chest-xray-pneumonia"  # params.yaml mlflow.registered_model
 # docs/deploy.md: the call a user types, with its port and file filled in.
@@ -40,7 +40,7 @@ def evaluated(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     shutil.copytree(trained, folder)
     env = tool_env(tmp)
     commit_as_checkout(folder, env)
-    out = run_stage(folder, "evaluate", env=env)
+    out = run_stage_in_process(folder, "evaluate", env["MLFLOW_TRACKING_URI"])
     assert f"registered models:/{NAME}@candidate (version 1)" in out
     return folder, env
 
