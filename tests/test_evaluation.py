@@ -651,3 +651,37 @@ def test_the_notebook_protocol_threshold_has_the_best_accuracy_of_any_threshold(
     # A negative above every positive: the best threshold keeps all positives and that error.
     labels, probs = np.array([0, 1, 1, 0, 1]), np.array([0.9, 0.8, 0.7, 0.2, 0.6])
     assert accuracy_picked_threshold(labels, probs) == pytest.approx(0.6)
+
+
+def _member(seed: int, order: slice = slice(None)) -> dict[str, pd.DataFrame]:
+    """The two files tools/ensemble.py reads from an experiment, for 40 val and 40 test images."""
+    rng = np.random.default_rng(seed)
+    split = np.repeat(["val", "test"], 40)
+    label = np.tile(["NORMAL", "PNEUMONIA"], 40)
+    path = [f"{s}/{c}/img{i}.jpeg" for i, (s, c) in enumerate(zip(split, label, strict=True))]
+    positive = label == "PNEUMONIA"
+    probability = np.clip(0.5 + 0.3 * (positive - 0.5) + rng.normal(0, 0.2, 80), 0.01, 0.99)
+    predictions = pd.DataFrame({"path": path, "split": split, "label": label,
+                                "probability": probability})  # fmt: skip
+    index = pd.DataFrame({"path": path, "patient_id": [f"p{i // 2}" for i in range(80)]})
+    return {"data/predictions.csv": predictions[order], "data/processed/index.csv": index}
+
+
+def test_the_ensemble_tool_averages_members_scoring_the_same_images(monkeypatch):
+    import tools.ensemble as ensemble
+    from cxr.params import load_params
+    from stages.evaluate import Params
+
+    members = {"a": _member(0), "b": _member(1), "shuffled": _member(2, slice(None, None, -1))}
+    monkeypatch.setattr(ensemble, "read_csv", lambda path, rev: members[rev][path].copy())
+    table, probs = ensemble.member_probabilities(["a", "b"])
+    assert list(probs) == ["a", "b"] and len(table) == 80
+    params = load_params(Params, Path(__file__).parents[1] / "params.yaml")
+    mean = (probs["a"] + probs["b"]) / 2
+    row = ensemble.report("ensemble", table, mean, params)
+    labels = (table["label"] == "PNEUMONIA").to_numpy()
+    test = (table["split"] == "test").to_numpy()
+    assert row["test roc_auc"] == pytest.approx(roc_auc_score(labels[test], mean[test]), abs=1e-5)
+    assert row["nb accuracy"] >= row["test accuracy"]
+    with pytest.raises(SystemExit, match="shuffled scored other images than a"):
+        ensemble.member_probabilities(["a", "shuffled"])
