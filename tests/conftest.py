@@ -249,7 +249,7 @@ def start_web(model: Path, tmp: Path) -> Iterator[Server]:
         process.wait(timeout=30)
 
 
-# The unit tier (`pytest -m unit`, about a minute on 2 cores, to run while coding): the pure
+# The unit tier (`pytest -m unit`, under half a minute on 2 cores, to run while coding): the pure
 # logic of these modules, in process, on arrays and files made in the test. A test in them that
 # needs a pipeline built by a fixture below is left to the full run.
 UNIT_MODULES = {
