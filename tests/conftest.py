@@ -119,6 +119,23 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
+def committed_project(tmp: Path) -> tuple[Path, dict[str, str]]:
+    """A tiny project in tmp/project as a git and DVC repository with one commit, and the
+    environment its commands run in."""
+    folder = copy_project(tmp / "project")
+    env = tool_env(tmp)
+    sh(folder, "git", "init", "-q", "-b", "main", env=env)
+    sh(folder, sys.executable, "-m", "dvc", "init", "-q", env=env)
+    sh(folder, "git", "add", "-A", env=env)
+    sh(folder, "git", "commit", "-qm", "project", env=env)
+    return folder, env
+
+
+def dvc(repo: tuple[Path, dict[str, str]], *args: str) -> str:
+    folder, env = repo
+    return sh(folder, sys.executable, "-m", "dvc", *args, env=env)
+
+
 def tool_env(tmp: Path) -> dict[str, str]:
     """Environment for DVC and stage subprocesses: this venv first, MLflow in a temp store."""
     env = dict(os.environ)

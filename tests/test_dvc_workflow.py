@@ -17,10 +17,10 @@ from cxr.params import as_flat_dict, load_params
 from stages.validate import Params
 from tests.conftest import (
     REPO,
-    copy_project,
+    committed_project,
+    dvc,
     set_params,
     sh,
-    tool_env,
 )
 from tests.test_contracts import INTENDED_DEPS
 
@@ -29,19 +29,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    tmp = tmp_path_factory.mktemp("dvc")
-    folder = copy_project(tmp / "project")
-    env = tool_env(tmp)
-    sh(folder, "git", "init", "-q", "-b", "main", env=env)
-    sh(folder, sys.executable, "-m", "dvc", "init", "-q", env=env)
-    sh(folder, "git", "add", "-A", env=env)
-    sh(folder, "git", "commit", "-qm", "project", env=env)
-    return folder, env
-
-
-def dvc(repo: tuple[Path, dict[str, str]], *args: str) -> str:
-    folder, env = repo
-    return sh(folder, sys.executable, "-m", "dvc", *args, env=env)
+    return committed_project(tmp_path_factory.mktemp("dvc"))
 
 
 def test_a_command_returns_when_it_exits_though_a_process_it_started_keeps_its_output(

@@ -40,6 +40,21 @@ def _runs(store: Path) -> tuple[mlflow.MlflowClient, list]:
     return client, runs
 
 
+def _crash_in_the_second_validation(monkeypatch: pytest.MonkeyPatch):
+    """Interrupt training after epoch 1's checkpoint; return the real `validate`."""
+    original = training.validate
+    calls = []
+
+    def validate_then_crash(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(training, "validate", validate_then_crash)
+    return original
+
+
 def test_train_writes_model_metrics_and_history(trained: Path):
     summary = json.loads((trained / "metrics/train.json").read_text())
     history = pd.read_csv(trained / "plots/train/history.csv")
@@ -226,16 +241,7 @@ def test_interrupted_training_resumes_to_the_same_model(
     shutil.copytree(prepared_project, folder)
     monkeypatch.chdir(folder)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    original = training.validate
-    calls = []
-
-    def validate_then_crash(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    monkeypatch.setattr(training, "validate", validate_then_crash)
+    original = _crash_in_the_second_validation(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train.main(stage_argv(folder, "train"))
     saved = torch.load("checkpoints/train.pt", weights_only=True)  # tensors and plain data
@@ -268,16 +274,7 @@ def test_a_checkpoint_whose_run_left_the_store_resumes_into_a_new_run(
     shutil.copytree(prepared_project, folder)
     monkeypatch.chdir(folder)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'first.db'}")
-    original = training.validate
-    calls = []
-
-    def validate_then_crash(*args):  # after epoch 1's checkpoint
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    monkeypatch.setattr(training, "validate", validate_then_crash)
+    _crash_in_the_second_validation(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train.main(stage_argv(folder, "train"))
     interrupted = torch.load("checkpoints/train.pt", weights_only=True)["mlflow_run_id"]

@@ -17,13 +17,14 @@ import mlflow
 import pytest
 
 from tests.conftest import (
+    committed_project,
     copy_project,
+    dvc,
     free_port,
     run_stage_in_process,
     serve,
     set_params,
     sh,
-    tool_env,
 )
 
 pytestmark = pytest.mark.slow
@@ -38,18 +39,7 @@ def repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         run_stage_in_process(scratch, stage)
     for split in ("train", "val", "test"):
         shutil.copytree(scratch / "data/raw" / split, tmp_path / "xrays" / split)
-    folder = copy_project(tmp_path / "project")
-    env = tool_env(tmp_path)
-    sh(folder, "git", "init", "-q", "-b", "main", env=env)
-    sh(folder, sys.executable, "-m", "dvc", "init", "-q", env=env)
-    sh(folder, "git", "add", "-A", env=env)
-    sh(folder, "git", "commit", "-qm", "project", env=env)
-    return folder, env
-
-
-def dvc(repo: tuple[Path, dict[str, str]], *args: str) -> str:
-    folder, env = repo
-    return sh(folder, sys.executable, "-m", "dvc", *args, env=env)
+    return committed_project(tmp_path)
 
 
 def _wait_for_queue(repo: tuple[Path, dict[str, str]], timeout_s: float) -> str:
