@@ -58,15 +58,17 @@ def save_checkpoint(path: Path, saved: dict) -> None:
         torch.save(saved, tmp)
 
 
-def fingerprint(params: Params, processed: Path, pretrained_sha256: str = "") -> str:
-    """Identifies the training inputs, so a checkpoint is resumed only by the run it came from."""
+def fingerprint(params: Params, processed: Path, *input_sha256: str) -> str:
+    """Identifies the training inputs (params, data, and the content hashes of the weights and
+    teacher it started from), so a checkpoint is resumed only by the run it came from."""
     relevant = {
         k: v for k, v in as_flat_dict(params).items() if k.split(".")[0] not in RUN_ONLY_SECTIONS
     }
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
     for name in ("index.csv", "stats.json"):
         digest.update((processed / name).read_bytes())
-    digest.update(pretrained_sha256.encode())
+    for sha256 in input_sha256:
+        digest.update(sha256.encode())
     return digest.hexdigest()
 
 

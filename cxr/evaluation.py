@@ -211,6 +211,38 @@ def probability_scores(labels: ArrayLike, probs: ArrayLike, calibration_bins: in
     return {name: _json_float(value) for name, value in values.items()}
 
 
+def split_metrics(
+    labels: np.ndarray,
+    patients: pd.Series,
+    probs: np.ndarray,
+    uncalibrated: np.ndarray,
+    threshold: float,
+    settings: EvaluateParams,
+    seed: int,
+) -> dict:
+    """Point metrics of the calibrated probabilities, the probability scores before
+    calibration (`ece_uncalibrated`), and flat 95% bootstrap bounds (`roc_auc_ci_low`), easy to
+    read in a diff."""
+    if labels.size == 0:  # the guard refused every image
+        return {"n": 0}
+    metrics = classification_metrics(labels, probs, threshold, settings.calibration_bins)
+    before = probability_scores(labels, uncalibrated, settings.calibration_bins)
+    metrics |= {f"{name}_uncalibrated": value for name, value in before.items()}
+    metrics["patients"] = int(patients.nunique())
+    intervals = bootstrap_intervals(labels, probs, patients, threshold, settings.bootstrap, seed)
+    for name, (low, high) in intervals.items():
+        metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
+    return metrics
+
+
+def notebook_protocol(labels: np.ndarray, probs: np.ndarray, bins: int) -> dict:
+    """Test accuracy, sensitivity and specificity at the threshold picked on test itself."""
+    threshold = accuracy_picked_threshold(labels, probs)
+    metrics = classification_metrics(labels, probs, threshold, bins)
+    kept = ("accuracy", "sensitivity", "specificity", "f1")
+    return {"threshold_picked_on_test": round(threshold, 6)} | {k: metrics[k] for k in kept}
+
+
 def specificity_at_sensitivity(labels: ArrayLike, probs: ArrayLike, target: float) -> float:
     """The specificity at the highest threshold whose sensitivity reaches `target`: how many
     healthy children a screen that misses at most 1 - target of pneumonias would send home.

@@ -70,6 +70,17 @@ class TrainParams(Section):
     augment: AugmentParams
 
 
+class DistillParams(Section):
+    """Knowledge distillation from the ensemble members into the train stage's network. Its own
+    section, not part of `train`: the members share `train`, and a change to how train learns
+    from them must not retrain them."""
+
+    # best: whichever of the members and their ensemble has the lowest validation log loss
+    teacher: Literal["none", "ensemble", "best"]
+    temperature: Annotated[float, Field(ge=1, le=20)]
+    weight: Annotated[float, Field(ge=0, le=1)]  # the soft targets' share of the loss
+
+
 class Params(StageParams):
     """What the train stage reads from params.yaml."""
 
@@ -228,6 +239,22 @@ def imbalance_loss(
     return loss, pos_weight
 
 
+class DistillationLoss(nn.Module):
+    """Hinton et al.'s knowledge distillation for one logit: (1 - weight) x the label loss +
+    weight x T^2 x cross-entropy between the student's and the teacher's probabilities, both
+    softened by temperature T. T^2 keeps the soft term's gradients on the scale of the hard
+    term's as T changes. Targets are (B, 2): label, teacher logit."""
+
+    def __init__(self, hard: nn.Module, temperature: float, weight: float) -> None:
+        super().__init__()
+        self.hard, self.temperature, self.weight = hard, temperature, weight
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        soft = F.binary_cross_entropy_with_logits(logits / t, torch.sigmoid(targets[:, 1] / t))
+        return (1 - self.weight) * self.hard(logits, targets[:, 0]) + self.weight * t * t * soft
+
+
 def train_step(
     run: Run,
     x: torch.Tensor,
@@ -276,9 +303,11 @@ def train_one_epoch(
     numerics: Numerics,
     loss_fn: nn.Module,
     epoch: int,
+    teacher: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """One pass over the training data, training the groups `train_groups_of_epoch` set;
-    returns (mean loss, images per second), both over all processes."""
+    returns (mean loss, images per second), both over all processes. With a teacher, each
+    label goes to the loss beside the teacher's logit for that image (`DistillationLoss`)."""
     balanced = params.train.imbalance == "sampler"
     ranks = run.ranks
     order = batch_order(data.labels, params.batch_size, balanced, run.order_rng, ranks.world)
@@ -295,6 +324,8 @@ def train_one_epoch(
         x = images.float().div_(255.0).unsqueeze(1)  # augment works on the [0, 1] scale
         x = numerics.normalize(augment(x, params.train.augment, run.augment_rng, rows).mul_(255))
         y = labels * (1 - smoothing) + 0.5 * smoothing
+        if teacher is not None:
+            y = torch.stack([y, teacher[shares[step].to(teacher.device)]], 1)
         share = len(x) * ranks.world / len(order[step])
         total_loss += train_step(run, x, y, loss_fn, numerics, share) * len(x)
         seen, mine = seen + len(order[step]), mine + len(x)
@@ -349,6 +380,7 @@ def fit(
     loss_fn: nn.Module,
     progress: dict,
     on_epoch_end: Callable[[dict], None],
+    teacher: torch.Tensor | None = None,
 ) -> dict:
     """Frozen-then-unfrozen epochs, keeping the best epoch by `train.monitor` on validation and
     stopping after `train.patience` epochs without a better one; returns progress.
@@ -362,7 +394,7 @@ def fit(
         if first != run.trainable_from:  # DDP registers the trainable parameters as it wraps
             run.forward, run.trainable_from = wrap(run.model, run.ranks, run.compile), first
         lr = run.optimizer.param_groups[0]["lr"]
-        train_loss, rate = train_one_epoch(run, train, params, numerics, loss_fn, epoch)
+        train_loss, rate = train_one_epoch(run, train, params, numerics, loss_fn, epoch, teacher)
         val_loss, val_auc = math.nan, math.nan
         if main:
             val_loss, val_auc = validate(run.kept_model, val, numerics, 2 * params.batch_size)

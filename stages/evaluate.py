@@ -36,14 +36,12 @@ from cxr.device import pick_device, use_cpu_threads
 from cxr.evaluation import (
     TEMPERATURE_BOUNDS,
     EvaluateParams,
-    accuracy_picked_threshold,
-    bootstrap_intervals,
     calibration_table,
     choose_threshold,
-    classification_metrics,
     curve_tables,
     fit_temperature,
-    probability_scores,
+    notebook_protocol,
+    split_metrics,
 )
 from cxr.metric_figures import save_figures
 from cxr.params import Seed, StageParams, load_params
@@ -54,30 +52,6 @@ from cxr.stage import paths, require, run
 class Params(StageParams):
     seed: Seed
     evaluate: EvaluateParams
-
-
-def split_metrics(
-    labels: np.ndarray,
-    patients: pd.Series,
-    probs: np.ndarray,
-    uncalibrated: np.ndarray,
-    threshold: float,
-    settings: EvaluateParams,
-    seed: int,
-) -> dict:
-    """Point metrics of the calibrated probabilities, the probability scores before
-    calibration (`ece_uncalibrated`), and flat 95% bootstrap bounds (`roc_auc_ci_low`), easy to
-    read in a diff."""
-    if labels.size == 0:  # the guard refused every image
-        return {"n": 0}
-    metrics = classification_metrics(labels, probs, threshold, settings.calibration_bins)
-    before = probability_scores(labels, uncalibrated, settings.calibration_bins)
-    metrics |= {f"{name}_uncalibrated": value for name, value in before.items()}
-    metrics["patients"] = int(patients.nunique())
-    intervals = bootstrap_intervals(labels, probs, patients, threshold, settings.bootstrap, seed)
-    for name, (low, high) in intervals.items():
-        metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
-    return metrics
 
 
 def save_plot_data(
@@ -102,14 +76,6 @@ def save_plot_data(
     return save_figures(
         folder / "figures", split, tables, metrics, probs, threshold, bins, uncalibrated=before
     )
-
-
-def notebook_protocol(labels: np.ndarray, probs: np.ndarray, bins: int) -> dict:
-    """Test accuracy, sensitivity and specificity at the threshold picked on test itself."""
-    threshold = accuracy_picked_threshold(labels, probs)
-    metrics = classification_metrics(labels, probs, threshold, bins)
-    kept = ("accuracy", "sensitivity", "specificity", "f1")
-    return {"threshold_picked_on_test": round(threshold, 6)} | {k: metrics[k] for k in kept}
 
 
 def predictions_table(

@@ -4,15 +4,23 @@ Training starts from the pretrained stage's weights file (empty for `model.pretr
 its sha256 goes into the model card and the MLflow run, so a model names the weights it grew
 from, and DVC re-runs training when their content changes.
 
-Keeps the best validation-AUC epoch. An interrupted run resumes from checkpoints/train.pt when
-`runtime.resume` is true. With `runtime.processes` > 1 the stage starts itself again under
-torchrun, one process per device, and trains data-parallel; rank 0 writes every output.
+With `distill.teacher` other than none, the network learns from the ensemble stage's teacher
+logits on the training images as well as from the labels (`cxr.training.DistillationLoss`);
+data/teacher.csv is always a dependency, and holds no rows when there is no teacher, so the
+members change nothing here then.
+
+Keeps the best epoch by `train.monitor` on validation. An interrupted run resumes from
+checkpoints/<stage>.pt when `runtime.resume` is true. With `runtime.processes` > 1 the stage
+starts itself again under torchrun, one process per device, and trains data-parallel; rank 0
+writes every output. The member stage (stages/member.py) trains its networks with
+`train_model` too.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -21,7 +29,7 @@ import torch
 from matplotlib.figure import Figure
 
 from cxr import distributed, tracking
-from cxr.atomic import write_csv, write_json, write_png
+from cxr.atomic import sha256_of, write_csv, write_json, write_png
 from cxr.batches import place_data, require_both_classes, steps_per_epoch
 from cxr.checkpoint import checkpoint, fingerprint, load_resumable, restore, save_checkpoint
 from cxr.device import (
@@ -41,11 +49,12 @@ from cxr.model import (
     save_model,
 )
 from cxr.params import as_flat_dict, load_params
-from cxr.processed import load_split, load_stats
-from cxr.stage import paths, require, run
+from cxr.processed import ProcessedSplit, load_split, load_stats
+from cxr.stage import StageError, paths, require, run
 from cxr.training import (
+    DistillationLoss,
+    DistillParams,
     Numerics,
-    Params,
     check_processes,
     create_run,
     fit,
@@ -53,8 +62,25 @@ from cxr.training import (
     new_progress,
     prepare_model,
 )
+from cxr.training import Params as TrainingParams
 
-CHECKPOINT = Path("checkpoints/train.pt")
+CHECKPOINTS = Path("checkpoints")
+
+
+class Params(TrainingParams):
+    """What the train stage reads: a network's training settings and how it distills."""
+
+    distill: DistillParams
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The teacher's logit for every training image, and what made it."""
+
+    logits: torch.Tensor
+    kind: str  # distill.teacher: ensemble | best
+    sha256: str  # of data/teacher.csv
+    settings: DistillParams
 
 
 def summarize(progress: dict, history: pd.DataFrame, wall_time: float) -> dict:
@@ -95,10 +121,26 @@ def save_history_figure(path: Path, history: pd.DataFrame) -> None:
     write_png(path, figure, dpi=100)
 
 
+def read_teacher(path: Path, settings: DistillParams, train: ProcessedSplit) -> Teacher | None:
+    """The ensemble stage's teacher logits, checked to be those of this training split."""
+    if settings.teacher == "none":
+        return None
+    table = pd.read_csv(path, keep_default_na=False)
+    if not table["path"].equals(train.index["path"]):
+        raise StageError(
+            f"{path} holds {len(table)} teacher logits that do not follow the training split's "
+            f"{len(train.labels)} images in order; run `dvc repro` to score them again"
+        )
+    logits = torch.tensor(table["logit"].to_numpy(), dtype=torch.float32)
+    return Teacher(logits, settings.teacher, sha256_of(path), settings)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = paths(__doc__, "processed", "pretrained", "model", "metrics", "plots", argv=argv)
+    args = paths(
+        __doc__, "processed", "pretrained", "teacher", "model", "metrics", "plots", argv=argv
+    )
     params = load_params(Params)
-    require(args.processed, args.pretrained)
+    require(args.processed, args.pretrained, args.teacher)
     device = pick_device(params.runtime.device)
     if params.runtime.processes > 1 and not distributed.launched_by_torchrun():
         check_processes(params, device)
@@ -106,19 +148,30 @@ def main(argv: list[str] | None = None) -> None:
         distributed.relaunch(params.runtime.processes, "stages.train", stage_args)
     ranks, device = distributed.start(device)
     try:
-        train_model(args, params, ranks, device)
+        weights = read_pretrained(args.pretrained)
+        teacher = read_teacher(args.teacher, params.distill, load_split("train", args.processed))
+        train_model(args, params, ranks, device, weights, "train", teacher)
     finally:
         distributed.stop()
 
 
 def train_model(
-    args: argparse.Namespace, params: Params, ranks: Ranks, device: torch.device
-) -> None:
+    args: argparse.Namespace,
+    params: TrainingParams,
+    ranks: Ranks,
+    device: torch.device,
+    weights: PretrainedWeights,
+    stage: str,
+    teacher: Teacher | None = None,
+) -> tuple[torch.nn.Module, Numerics] | None:
+    """Train `params.model.arch` from `weights` on args.processed and write args.model,
+    args.metrics and args.plots; returns the kept network and how it reads images (on the main
+    process; None on the others)."""
     dtype = autocast_dtype(params.train.precision, device)
     torch.manual_seed(params.seed)
     threads = use_cpu_threads(params.runtime.threads)
-    weights = read_pretrained(args.pretrained)
     model = prepare_model(params, ranks, weights)
+    checkpoint_file = CHECKPOINTS / f"{stage}.pt"
 
     stats = load_stats(args.processed)
     train_split, val_split = load_split("train", args.processed), load_split("val", args.processed)
@@ -134,17 +187,23 @@ def train_model(
     training = create_run(model, params, numerics, steps, params.runtime.compile, ranks)
 
     loss_fn, pos_weight = imbalance_loss(train_split.labels, params.train.imbalance, device)
+    soft = None
+    if teacher is not None:
+        distill = teacher.settings
+        loss_fn = DistillationLoss(loss_fn, distill.temperature, distill.weight)
+        soft = teacher.logits.to(device)
     positives = int(train_split.labels.sum())
     negatives = len(train_split.labels) - positives
 
-    run_fingerprint = fingerprint(params, args.processed, weights.sha256)
+    inputs = (weights.sha256 or weights.source_sha256, teacher.sha256 if teacher else "")
+    run_fingerprint = fingerprint(params, args.processed, *inputs)
     (saved,) = ranks.from_main(
-        load_resumable(CHECKPOINT, params, run_fingerprint) if ranks.main else None
+        load_resumable(checkpoint_file, params, run_fingerprint) if ranks.main else None
     )
     progress = restore(training, saved) if saved else new_progress()
     if not ranks.main:
-        fit(training, train, val, params, numerics, loss_fn, progress, lambda _: None)
-        return
+        fit(training, train, val, params, numerics, loss_fn, progress, lambda _: None, soft)
+        return None
     where = f"{ranks.world} processes (DDP), " if ranks.distributed else ""
     print(
         f"training {params.model.arch} on {where}{device} ({len(train.labels)} train: "
@@ -152,8 +211,15 @@ def train_model(
         f"{pos_weight:.3f}, AdamW lr={training.optimizer.param_groups[0]['initial_lr']!r}"
         + (f", resuming after epoch {progress['epoch']}" if saved else "")
         + (
-            f"; from {weights.source} weights (sha256 {weights.sha256[:12]})"
+            f"; from {weights.source} weights "
+            f"(sha256 {(weights.sha256 or weights.source_sha256)[:12]})"
             if not weights.empty
+            else ""
+        )
+        + (
+            f"; distilled from the {teacher.kind} teacher (temperature "
+            f"{teacher.settings.temperature}, weight {teacher.settings.weight})"
+            if teacher
             else ""
         )
         + f"; {placement}"
@@ -167,7 +233,9 @@ def train_model(
         if resumed_run is None:
             tracking.log_params(as_flat_dict(params))
             tracking.log_params(pretrained_record(weights))
-        mlflow.set_tags({**tracking.run_tags(), **pretrained_record(weights), "dvc.stage": "train"})
+        mlflow.set_tags({**tracking.run_tags(), **pretrained_record(weights), "dvc.stage": stage})
+        if teacher:
+            mlflow.set_tag("teacher.sha256", teacher.sha256)
         if saved and resumed_run is None:
             mlflow.set_tag("resumed_from_run_id", saved["mlflow_run_id"])
 
@@ -177,9 +245,11 @@ def train_model(
             mlflow.log_metrics(metrics, step=record["epoch"])
             saved = checkpoint(training, progress)
             saved.update(fingerprint=run_fingerprint, mlflow_run_id=active.info.run_id)
-            save_checkpoint(CHECKPOINT, saved)
+            save_checkpoint(checkpoint_file, saved)
 
-        progress = fit(training, train, val, params, numerics, loss_fn, progress, on_epoch_end)
+        progress = fit(
+            training, train, val, params, numerics, loss_fn, progress, on_epoch_end, soft
+        )
         wall_time = time.perf_counter() - started
 
         # A fresh network takes the kept weights: the saved model has plain BatchNorm layers
@@ -207,10 +277,11 @@ def train_model(
         mlflow.log_metrics(summary)
         mlflow.log_artifact(str(args.plots / "history.png"), artifact_path="plots")
         tracking.log_pytorch_model(model, stats["image_size"])
-    CHECKPOINT.unlink(missing_ok=True)
+    checkpoint_file.unlink(missing_ok=True)
     print(
         f"best epoch {progress['best_epoch']} by validation {params.train.monitor} -> {args.model}"
     )
+    return model.to(device, memory_format=numerics.memory_format), numerics
 
 
 if __name__ == "__main__":

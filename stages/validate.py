@@ -14,12 +14,14 @@ from cxr.atomic import atomic_path
 from cxr.evaluation import EvaluateParams
 from cxr.explain import GradcamParams
 from cxr.guard import GuardParams
+from cxr.members import Members
 from cxr.onnx_model import ExportParams
 from cxr.params import ImageSize, load_params
 from cxr.preprocessing import PreprocessParams
 from cxr.sources import DataParams
 from cxr.splitting import SplitParams
 from cxr.stage import paths, run
+from cxr.training import DistillParams
 from cxr.training import Params as TrainStageParams
 
 STAMP = "params.yaml: every key known and valid\n"
@@ -34,6 +36,8 @@ class Params(TrainStageParams):
     data: DataParams
     split: SplitParams
     preprocess: PreprocessParams
+    distill: DistillParams
+    members: Members
     guard: GuardParams
     evaluate: EvaluateParams
     gradcam: GradcamParams

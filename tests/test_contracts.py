@@ -36,6 +36,9 @@ STAGES = (
 )
 
 
+PACKAGES = ("cxr", "stages")  # a stage may run another stage's work function (member: train's)
+
+
 def dvc_stages() -> dict[str, dict]:
     return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
@@ -45,16 +48,20 @@ def declared_paths(stage: dict, kind: str) -> set[str]:
     return {next(iter(e)) if isinstance(e, dict) else e for e in entries}
 
 
-def cxr_imports(path: Path) -> set[str]:
-    """Files of the cxr modules a file imports, at any depth of its code."""
+def project_imports(path: Path) -> set[str]:
+    """Files of the cxr modules and stage scripts a file imports, at any depth of its code."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == "cxr":
-            found |= {f"cxr/{alias.name}.py" for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cxr."):
+        if isinstance(node, ast.ImportFrom) and node.module in PACKAGES:
+            found |= {f"{node.module}/{alias.name}.py" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PACKAGES:
             found.add(node.module.replace(".", "/") + ".py")
         elif isinstance(node, ast.Import):
-            found |= {a.name.replace(".", "/") + ".py" for a in node.names if a.name[:4] == "cxr."}
+            found |= {
+                a.name.replace(".", "/") + ".py"
+                for a in node.names
+                if a.name.split(".")[0] in PACKAGES and "." in a.name
+            }
     return found
 
 
@@ -62,7 +69,7 @@ def imported_closure(script: str) -> set[str]:
     seen: set[str] = set()
     todo = [REPO / script]
     while todo:
-        for module in cxr_imports(todo.pop()) - seen:
+        for module in project_imports(todo.pop()) - seen:
             seen.add(module)
             todo.append(REPO / module)
     return seen
