@@ -101,8 +101,10 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     message = error["msg"].removeprefix("Value error, ")
-    if not key or isinstance(error["input"], dict):  # a check across keys names them
+    if not key:  # a check across keys names them
         return message
+    if isinstance(error["input"], dict):  # a section or an entry: its name, not its content
+        return f"{key}: {message}"
     return f"{key}: {message}, got {error['input']!r}"
 
 

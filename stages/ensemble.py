@@ -29,6 +29,7 @@ from sklearn.metrics import roc_curve
 from cxr import tracking
 from cxr.atomic import write_csv, write_json, write_png
 from cxr.classes import CLASSES
+from cxr.distill import DistillParams
 from cxr.evaluation import (
     EvaluateParams,
     choose_threshold,
@@ -40,7 +41,6 @@ from cxr.members import Members
 from cxr.params import Seed, StageParams, load_params
 from cxr.processed import SPLITS
 from cxr.stage import StageError, paths, require, run
-from cxr.training import DistillParams
 
 ENSEMBLE = "ensemble"
 RANKING = ("roc_auc", "log_loss", "brier", "ece", "specificity_at_95_sensitivity")

@@ -39,6 +39,7 @@ from cxr.device import (
     pick_device,
     use_cpu_threads,
 )
+from cxr.distill import DistillationLoss, DistillParams
 from cxr.distributed import Ranks
 from cxr.model import (
     ModelCard,
@@ -52,8 +53,6 @@ from cxr.params import as_flat_dict, load_params
 from cxr.processed import ProcessedSplit, load_split, load_stats
 from cxr.stage import StageError, paths, require, run
 from cxr.training import (
-    DistillationLoss,
-    DistillParams,
     Numerics,
     check_processes,
     create_run,
@@ -217,7 +216,7 @@ def train_model(
             else ""
         )
         + (
-            f"; distilled from the {teacher.kind} teacher (temperature "
+            f"; distilled from the teacher (distill.teacher: {teacher.kind}, temperature "
             f"{teacher.settings.temperature}, weight {teacher.settings.weight})"
             if teacher
             else ""

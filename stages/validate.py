@@ -11,6 +11,7 @@ this check alone.
 from __future__ import annotations
 
 from cxr.atomic import atomic_path
+from cxr.distill import DistillParams
 from cxr.evaluation import EvaluateParams
 from cxr.explain import GradcamParams
 from cxr.guard import GuardParams
@@ -21,7 +22,6 @@ from cxr.preprocessing import PreprocessParams
 from cxr.sources import DataParams
 from cxr.splitting import SplitParams
 from cxr.stage import paths, run
-from cxr.training import DistillParams
 from cxr.training import Params as TrainStageParams
 
 STAMP = "params.yaml: every key known and valid\n"

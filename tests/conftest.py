@@ -44,17 +44,46 @@ TINY_PARAMS = {
     "evaluate": {"bootstrap": 50},
     "gradcam": {"per_outcome": 1, "score_images": 8, "target_layer": "layer3"},  # 2x2 maps
 }
+# The demo's members, kept (so stage names match the repository's: member@lite0, member@resnet)
+# and shortened: Lite0 from the locked ImageNet wheel trains its head for one epoch.
+TINY_MEMBERS = {
+    "lite0": {"epochs": 1, "freeze_epochs": 1},
+    "resnet": {"arch": TINY_ARCH, "epochs": 2},
+}
+MEMBER_STAGES = tuple(f"member@{name}" for name in TINY_MEMBERS)
+
+
+def pipeline_stages(folder: Path) -> dict[str, dict]:
+    """dvc.yaml's stages as DVC names them: a foreach stage becomes one stage per item of the
+    params.yaml entry it iterates (member -> member@lite0, member@resnet)."""
+    stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    expanded = {}
+    for name, stage in stages.items():
+        if "foreach" not in stage:
+            expanded[name] = stage
+            continue
+        definition = yaml.safe_dump(stage["do"])
+        for key in params[stage["foreach"].removeprefix("${").removesuffix("}")]:
+            expanded[f"{name}@{key}"] = yaml.safe_load(definition.replace("${key}", key))
+    return expanded
 
 
 def stage_argv(folder: Path, stage: str) -> list[str]:
-    """The paths dvc.yaml gives a stage on its command line (after `python -m stages.x`)."""
-    stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
-    return stages[stage]["cmd"].split()[3:]
+    """The arguments dvc.yaml gives a stage on its command line (after `python -m stages.x`)."""
+    return pipeline_stages(folder)[stage]["cmd"].split()[3:]
+
+
+def stage_module(stage: str) -> str:
+    """member@lite0 -> stages.member"""
+    return f"stages.{stage.split('@')[0]}"
 
 
 def run_stage(folder: Path, stage: str, env: dict[str, str] | None = None) -> str:
     """Run a stage as DVC would, in a subprocess, with the command line from dvc.yaml."""
-    return sh(folder, sys.executable, "-m", f"stages.{stage}", *stage_argv(folder, stage), env=env)
+    return sh(
+        folder, sys.executable, "-m", stage_module(stage), *stage_argv(folder, stage), env=env
+    )
 
 
 def run_stage_in_process(folder: Path, stage: str, tracking_uri: str | None = None) -> str:
@@ -65,7 +94,7 @@ def run_stage_in_process(folder: Path, stage: str, tracking_uri: str | None = No
     What a stage leaves in the process is put back: MLflow keeps the tracking URI in a global
     (and in $MLFLOW_TRACKING_URI), training sets torch's thread count.
     """
-    module = importlib.import_module(f"stages.{stage}")
+    module = importlib.import_module(stage_module(stage))
     threads = torch.get_num_threads()
     printed = io.StringIO()
     with (
@@ -115,7 +144,7 @@ def copy_project(dest: Path) -> Path:
             shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, dest / name)
-    set_params(dest, TINY_PARAMS)
+    set_params(dest, TINY_PARAMS | {"members": TINY_MEMBERS})
     return dest
 
 
@@ -271,7 +300,7 @@ def start_web(model: Path, tmp: Path) -> Iterator[Server]:
 # needs a pipeline built by a fixture below is left to the full run.
 UNIT_MODULES = {
     "test_classifier", "test_contracts", "test_demo", "test_evaluation", "test_explain",
-    "test_guard", "test_images", "test_params", "test_sources", "test_split",
+    "test_guard", "test_images", "test_members", "test_params", "test_sources", "test_split",
 }  # fmt: skip
 BUILDING_FIXTURES = {"prepared_project", "trained", "reads", "project"}
 
@@ -294,11 +323,14 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny project whose download, split, preprocess and pretrained stages have run
-    (read-only use)."""
-    folder = copy_project(tmp_path_factory.mktemp("prepared") / "project")
-    for stage in ("validate", "download", "split", "preprocess", "pretrained"):
-        run_stage_in_process(folder, stage)
+    """A tiny project whose stages up to train have run: data, members, ensemble (the teacher)
+    and pretrained (read-only use)."""
+    tmp = tmp_path_factory.mktemp("prepared")
+    folder = copy_project(tmp / "project")
+    for stage in ("validate", "download", "split", "preprocess", *MEMBER_STAGES):
+        run_stage_in_process(folder, stage, store_uri(tmp))
+    for stage in ("ensemble", "pretrained"):
+        run_stage_in_process(folder, stage, store_uri(tmp))
     return folder
 
 

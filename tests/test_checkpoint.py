@@ -14,6 +14,8 @@ from cxr.training import Params
 from stages import train
 from tests.conftest import REPO
 
+CHECKPOINT = train.CHECKPOINTS / "train.pt"  # the train stage's
+
 
 class Planted:
     """An object whose unpickling touches a file: what a tampered checkpoint could run."""
@@ -28,7 +30,7 @@ class Planted:
 @pytest.fixture
 def resuming(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Params:
     monkeypatch.chdir(tmp_path)
-    train.CHECKPOINT.parent.mkdir()
+    train.CHECKPOINTS.mkdir()
     params = load_params(Params, REPO / "params.yaml")
     assert params.runtime.resume
     return params
@@ -36,10 +38,10 @@ def resuming(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Params:
 
 def test_a_checkpoint_holding_code_is_refused_not_run(resuming: Params, tmp_path: Path):
     marker = tmp_path / "ran"
-    torch.save({"fingerprint": "x", "progress": Planted(marker)}, train.CHECKPOINT)
+    torch.save({"fingerprint": "x", "progress": Planted(marker)}, CHECKPOINT)
 
     with pytest.raises(StageError, match="holds more than tensors and plain data"):
-        load_resumable(train.CHECKPOINT, resuming, "x")
+        load_resumable(CHECKPOINT, resuming, "x")
 
     assert not marker.exists()
 
@@ -51,10 +53,10 @@ def test_a_checkpoint_of_tensors_and_plain_data_resumes(resuming: Params):
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": None,
     }
-    torch.save(saved, train.CHECKPOINT)
+    torch.save(saved, CHECKPOINT)
 
-    loaded = load_resumable(train.CHECKPOINT, resuming, "x")
+    loaded = load_resumable(CHECKPOINT, resuming, "x")
 
     assert loaded is not None and loaded["progress"] == saved["progress"]
     assert torch.equal(loaded["torch_rng"], saved["torch_rng"])
-    assert load_resumable(train.CHECKPOINT, resuming, "other inputs") is None
+    assert load_resumable(CHECKPOINT, resuming, "other inputs") is None

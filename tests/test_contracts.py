@@ -19,14 +19,17 @@ from pydantic import BaseModel
 
 from cxr import params as params_module
 from cxr.params import RUN_ONLY_SECTIONS
-from tests.conftest import REPO, stage_argv
+from tests.conftest import MEMBER_STAGES, REPO, pipeline_stages, stage_argv, stage_module
 from tools.dep_table import module_stages
 
+# In the order they run; the tiny projects keep the demo's member names.
 STAGES = (
     "validate",
     "download",
     "split",
     "preprocess",
+    *MEMBER_STAGES,
+    "ensemble",
     "pretrained",
     "train",
     "guard",
@@ -40,7 +43,11 @@ PACKAGES = ("cxr", "stages")  # a stage may run another stage's work function (m
 
 
 def dvc_stages() -> dict[str, dict]:
-    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return pipeline_stages(REPO)
+
+
+def test_every_stage_of_the_pipeline_is_checked():
+    assert set(STAGES) == set(dvc_stages())
 
 
 def declared_paths(stage: dict, kind: str) -> set[str]:
@@ -77,7 +84,7 @@ def imported_closure(script: str) -> set[str]:
 
 @pytest.mark.parametrize("name", STAGES)
 def test_code_deps_are_the_script_and_every_cxr_module_it_imports(name: str):
-    script = f"stages/{name}.py"
+    script = stage_module(name).replace(".", "/") + ".py"
     code_deps = {p for p in declared_paths(dvc_stages()[name], "deps") if p.endswith(".py")}
     assert code_deps == {script} | imported_closure(script)
 
@@ -87,8 +94,11 @@ def test_paths_on_the_command_line_are_exactly_the_declared_data(name: str):
     stage = dvc_stages()[name]
     data_deps = {p for p in declared_paths(stage, "deps") if not p.endswith(".py")}
     outputs = set().union(*(declared_paths(stage, k) for k in ("outs", "metrics", "plots")))
-    assert stage["cmd"].split()[:3] == ["python", "-m", f"stages.{name}"]
-    assert set(stage_argv(REPO, name)) == data_deps | outputs
+    assert stage["cmd"].split()[:3] == ["python", "-m", stage_module(name)]
+    argv = stage_argv(REPO, name)
+    if "@" in name:  # a foreach stage's first argument is its item's name (member@lite0: lite0)
+        assert argv.pop(0) == name.split("@")[1]
+    assert set(argv) == data_deps | outputs
 
 
 class Recorder:
@@ -104,8 +114,26 @@ class Recorder:
         key = self._prefix + name
         if isinstance(value, BaseModel):
             return Recorder(value, self._reads, key + ".")
+        if isinstance(value, dict):
+            return RecordedEntries(value, self._reads, key)
         self._reads.add(key)
         return value
+
+
+class RecordedEntries(dict):
+    """A section of named entries (`members`): listing the names reads the section, looking
+    one up reads only that entry."""
+
+    def __init__(self, entries: dict, reads: set[str], key: str) -> None:
+        super().__init__(entries)
+        self._reads, self._key = reads, key
+
+    def __iter__(self):
+        self._reads.add(self._key)
+        return super().__iter__()
+
+    def __getitem__(self, name: str) -> Recorder:
+        return Recorder(super().__getitem__(name), self._reads, f"{self._key}.{name}.")
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +148,7 @@ def reads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     try:
         for name in STAGES:
-            module = importlib.import_module(f"stages.{name}")
+            module = importlib.import_module(stage_module(name))
             found[name] = set()
             reads = found[name]
 
@@ -171,41 +199,46 @@ def test_every_stage_reads_some_params_and_the_recorder_sees_nested_keys(reads):
 # the test above, a new import that pulls a module into a stage's closure fails here until the
 # table says so. `validate` (stages/validate.py) holds every section's schema; it runs in
 # seconds and its output never changes, so it re-runs nothing after it. `tracking` writes the
-# MLflow record that is part of what a stage produces. Not listed: modules no stage imports
-# (the CLI, the page, the served model).
-EVERY_STAGE = " ".join(STAGES)
+# MLflow record that is part of what a stage produces. `member` stands for every member@<name>
+# (one definition in dvc.yaml); it runs train's work function, so it shares train's row but
+# for `pretrained` (it resolves its own weights). Not listed: modules no stage imports (the
+# CLI, the page, the served model).
+EVERY_STAGE = " ".join(dict.fromkeys(s.split("@")[0] for s in STAGES))
 INTENDED_DEPS = {
     "cxr/atomic.py": EVERY_STAGE,
-    "cxr/augment.py": "validate train",
-    "cxr/batches.py": "validate train",
-    "cxr/checkpoint.py": "train",
-    "cxr/classes.py": "validate download preprocess pretrained train guard evaluate gradcam export",
+    "cxr/augment.py": "validate member train",
+    "cxr/batches.py": "validate member train",
+    "cxr/checkpoint.py": "member train",
+    "cxr/classes.py": "validate download preprocess member ensemble pretrained train guard "
+                      "evaluate gradcam export",
     "cxr/classifier.py": "validate guard evaluate gradcam export",
     "cxr/dataset.py": "validate download",
     "cxr/demo.py": "download guard",
-    "cxr/device.py": "validate train guard evaluate gradcam export",
-    "cxr/distributed.py": "validate train",
-    "cxr/evaluation.py": "validate evaluate",
+    "cxr/device.py": "validate member train guard evaluate gradcam export",
+    "cxr/distill.py": "validate member ensemble train",
+    "cxr/distributed.py": "validate member train",
+    "cxr/evaluation.py": "validate ensemble evaluate",
     "cxr/explain.py": "validate gradcam",
     "cxr/figures.py": "guard gradcam",
     "cxr/guard.py": "validate guard evaluate gradcam export",
     "cxr/images.py": "validate download preprocess guard evaluate gradcam export",
+    "cxr/members.py": "validate member ensemble",
     "cxr/metric_figures.py": "evaluate",
-    "cxr/model.py": "validate pretrained train guard evaluate gradcam export",
+    "cxr/model.py": "validate member pretrained train guard evaluate gradcam export",
     "cxr/onnx_model.py": "validate export",
     "cxr/ood_set.py": "guard",
     "cxr/params.py": EVERY_STAGE,
     "cxr/preprocessing.py": "validate preprocess",
-    "cxr/pretrained.py": "pretrained",
-    "cxr/processed.py": "validate preprocess train guard evaluate gradcam export",
+    "cxr/pretrained.py": "member pretrained",
+    "cxr/processed.py": "validate preprocess member ensemble train guard evaluate gradcam export",
     "cxr/sampling.py": "guard gradcam",
-    "cxr/schedule.py": "validate train",
+    "cxr/schedule.py": "validate member train",
     "cxr/serving.py": "evaluate",
     "cxr/sources.py": "validate download",
     "cxr/splitting.py": "validate split",
     "cxr/stage.py": EVERY_STAGE,
-    "cxr/tracking.py": "train guard evaluate gradcam export",
-    "cxr/training.py": "validate train",
+    "cxr/tracking.py": "member ensemble train guard evaluate gradcam export",
+    "cxr/training.py": "validate member train",
 }  # fmt: skip
 
 
@@ -216,3 +249,6 @@ def test_each_module_is_a_dep_of_the_intended_stages_only():
     # retrain the network.
     retrains = {m for m, stages in INTENDED_DEPS.items() if "train" in stages.split()}
     assert not retrains & {"cxr/figures.py", "cxr/explain.py", "cxr/images.py", "cxr/dataset.py"}
+    # The ensemble's scoring code retrains no member and no network.
+    trains = {m for m, stages in INTENDED_DEPS.items() if {"member", "train"} & set(stages.split())}
+    assert "cxr/evaluation.py" not in trains

@@ -10,15 +10,16 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 from dvc.repo import Repo
 
 from cxr.params import as_flat_dict, load_params
 from stages.validate import Params
 from tests.conftest import (
+    MEMBER_STAGES,
     REPO,
     committed_project,
     dvc,
+    pipeline_stages,
     set_params,
     sh,
 )
@@ -61,7 +62,8 @@ def test_every_test_runs_under_a_time_limit(pytestconfig: pytest.Config):
 
 def test_repro_runs_every_stage_then_nothing(repo):
     out = dvc(repo, "repro")
-    for stage in ("validate", "download", "split", "preprocess", "train", "guard", "evaluate"):
+    for stage in ("validate", "download", "split", "preprocess", *MEMBER_STAGES, "ensemble",
+                  "train", "guard", "evaluate"):  # fmt: skip
         assert f"Running stage '{stage}'" in out
     folder, env = repo
     sh(folder, "git", "add", "-A", env=env)
@@ -126,8 +128,7 @@ def test_each_param_makes_exactly_the_stages_that_read_it_stale(repo):
     folder, _ = repo
     params_file = folder / "params.yaml"
     original = params_file.read_text()
-    stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
-    declared = {name: stage.get("params", []) for name, stage in stages.items()}
+    declared = {name: stage.get("params", []) for name, stage in pipeline_stages(folder).items()}
     keys = as_flat_dict(load_params(Params, params_file))
     try:
         for key, value in keys.items():
@@ -142,7 +143,10 @@ def test_each_param_makes_exactly_the_stages_that_read_it_stale(repo):
             params_file.write_text(original)
     finally:
         params_file.write_text(original)
-    assert {"validate", "train"} == {n for n, e in declared.items() if "train" in e}
+    assert {"validate", "train", *MEMBER_STAGES} == {n for n, e in declared.items() if "train" in e}
+    # The deployed network's knobs retrain no member; a member's entry retrains it alone.
+    assert not [n for n, e in declared.items() if n.startswith("member@") and "lr" in e]
+    assert "members.lite0" in declared["member@lite0"] and "members" in declared["ensemble"]
     assert len(keys) > 40
 
 
@@ -156,7 +160,8 @@ def test_a_docstring_edit_makes_exactly_the_intended_stages_stale(repo):
         path.write_text(original.replace('"""', '"""Edited. ', 1))
         try:
             with Repo(str(folder)) as dvc_repo:
-                stale = {address.split(":")[-1] for address in dvc_repo.status()}
+                # member@lite0, member@resnet: the table's `member`
+                stale = {address.split(":")[-1].split("@")[0] for address in dvc_repo.status()}
         finally:
             path.write_text(original)
         assert stale == set(stages.split()), module
@@ -167,6 +172,8 @@ def test_metrics_show_parses_every_metrics_file(repo):
     (workspace,) = shown.values()
     files = workspace["data"]
     assert set(files) == {
+        *(f"metrics/members/{stage.split('@')[1]}.json" for stage in MEMBER_STAGES),
+        "metrics/ensemble.json",
         "metrics/train.json",
         "metrics/evaluate.json",
         "metrics/guard.json",
@@ -183,6 +190,8 @@ def test_exp_run_with_set_param_reaches_the_optimizer_as_a_float(repo):
     # params.yaml is checked again, and its unchanged stamp re-runs nothing upstream of train.
     assert "Running stage 'validate'" in out and "Running stage 'train'" in out
     assert "Running stage 'download'" not in out and "Running stage 'preprocess'" not in out
+    # The deployed network's learning rate: no member retrains, the teacher is unchanged.
+    assert "Running stage 'member@" not in out and "Running stage 'ensemble'" not in out
     _, env = repo
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs(

@@ -678,7 +678,7 @@ def test_the_ensemble_tool_averages_members_scoring_the_same_images(monkeypatch)
     assert list(probs) == ["a", "b"] and len(table) == 80
     params = load_params(Params, Path(__file__).parents[1] / "params.yaml")
     mean = (probs["a"] + probs["b"]) / 2
-    row = ensemble.report("ensemble", table, mean, params)
+    row = ensemble.row("ensemble", table, mean, params)
     labels = (table["label"] == "PNEUMONIA").to_numpy()
     test = (table["split"] == "test").to_numpy()
     assert row["test roc_auc"] == pytest.approx(roc_auc_score(labels[test], mean[test]), abs=1e-5)

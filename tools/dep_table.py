@@ -15,10 +15,11 @@ import yaml
 
 
 def module_stages(pipeline: Path) -> dict[str, list[str]]:
-    """cxr module -> the stages that declare it as a dep, in pipeline order."""
+    """cxr module -> the stages that declare it as a dep, in pipeline order; a foreach stage
+    (member) counts once, for all its instances (member@lite0, ...)."""
     table: dict[str, list[str]] = defaultdict(list)
     for name, stage in yaml.safe_load(pipeline.read_text())["stages"].items():
-        for dep in stage.get("deps", []):
+        for dep in stage.get("do", stage).get("deps", []):
             if dep.startswith("cxr/") and dep.endswith(".py"):
                 table[dep].append(name)
     return dict(sorted(table.items()))

@@ -1,5 +1,5 @@
-"""Members and their ensemble side by side: the evidence for an ensemble, before the pipeline
-builds one.
+"""Members and their ensemble side by side, across experiments: what the ensemble stage does
+within one pipeline, for networks trained in separate runs (another image size, another recipe).
 
 Each argument is a DVC experiment (or any git revision) whose evaluate stage ran; its calibrated
 probabilities come from its `data/predictions.csv` in the DVC cache, the patients from its
@@ -20,10 +20,9 @@ import dvc.api
 import numpy as np
 import pandas as pd
 
-from cxr.classes import CLASSES
-from cxr.evaluation import choose_threshold
 from cxr.params import load_params
-from stages.evaluate import Params, notebook_protocol, split_metrics
+from stages.ensemble import report
+from stages.evaluate import Params
 
 
 def read_csv(path: str, rev: str) -> pd.DataFrame:
@@ -47,30 +46,18 @@ def member_probabilities(revs: list[str]) -> tuple[pd.DataFrame, dict[str, np.nd
     return table, probs
 
 
-def report(name: str, table: pd.DataFrame, probs: np.ndarray, params: Params) -> dict:
-    settings = params.evaluate
-    labels = (table["label"] == CLASSES[1]).to_numpy(int)
-    val, test = (table["split"] == "val").to_numpy(), (table["split"] == "test").to_numpy()
-    threshold = choose_threshold(
-        labels[val], probs[val], settings.threshold, settings.fixed_threshold,
-        settings.target_sensitivity, settings.youden_tolerance,
-    )  # fmt: skip
-    row = {"model": name, "threshold": round(threshold, 4)}
-    for split, rows in (("val", val), ("test", test)):
-        metrics = split_metrics(
-            labels[rows], table["patient_id"][rows], probs[rows], probs[rows], threshold,
-            settings, params.seed,
-        )  # fmt: skip
-        for key in ("roc_auc", "log_loss", "brier", "ece", "specificity_at_95_sensitivity"):
-            row[f"{split} {key}"] = metrics[key]
-        if split == "test":
-            row["test AUC 95% CI"] = f"[{metrics['roc_auc_ci_low']}, {metrics['roc_auc_ci_high']}]"
-            for key in ("accuracy", "sensitivity", "specificity"):
-                row[f"test {key}"] = metrics[key]
-    notebook = notebook_protocol(labels[test], probs[test], settings.calibration_bins)
+def row(name: str, table: pd.DataFrame, probs: np.ndarray, params: Params) -> dict:
+    """One model's column: the ensemble stage's report of it, flattened (the probabilities are
+    already calibrated, so their `_uncalibrated` figures are the same)."""
+    result = report(probs, probs, table, params.evaluate, params.seed)
+    flat = {"model": name, "threshold": result["threshold"]}
+    for split in ("val", "test"):
+        flat |= {f"{split} {key}": value for key, value in result[split].items()}
+    test = result["test"]
+    flat["test AUC 95% CI"] = f"[{test['roc_auc_ci_low']}, {test['roc_auc_ci_high']}]"
     for key in ("accuracy", "sensitivity", "specificity"):
-        row[f"nb {key}"] = notebook[key]
-    return row
+        flat[f"nb {key}"] = result["test_notebook_protocol"][key]
+    return flat
 
 
 def main() -> None:
@@ -79,10 +66,10 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(Params)
     table, probs = member_probabilities(args.revs)
-    rows = [report(rev, table, p, params) for rev, p in probs.items()]
+    rows = [row(rev, table, p, params) for rev, p in probs.items()]
     if len(probs) > 1:
         mean = np.mean(list(probs.values()), axis=0)
-        rows.append(report("ensemble (mean probability)", table, mean, params))
+        rows.append(row("ensemble (mean probability)", table, mean, params))
     print(pd.DataFrame(rows).set_index("model").T.to_string())
 
 
