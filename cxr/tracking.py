@@ -163,10 +163,14 @@ def changed_sources(pipeline_file: Path = Path("dvc.yaml")) -> list[str] | None:
     if listed is None:
         return None
     written = pipeline_outputs(pipeline_file) | {"dvc.lock"}
+    # DVC keeps a .gitignore beside the outputs it caches (data/members/.gitignore).
+    folders = {posixpath.dirname(out) for out in written}
     return [
         path
         for path in listed.split("\0")
-        if path and not any(path == out or path.startswith(f"{out}/") for out in written)
+        if path
+        and not any(path == out or path.startswith(f"{out}/") for out in written)
+        and not (posixpath.basename(path) == ".gitignore" and posixpath.dirname(path) in folders)
     ]
 
 
@@ -186,11 +190,29 @@ def pipeline_outputs(pipeline_file: Path = Path("dvc.yaml")) -> set[str]:
                     found.update(value if isinstance(value, dict) else [])
         else:
             found.add(entry)
-    for stage in (pipeline.get("stages") or {}).values():
+    for stage in _expanded_stages(pipeline, pipeline_file.parent):
         wdir = stage.get("wdir", ".")
         for kind in ("outs", "metrics", "plots"):
             found.update(posixpath.join(wdir, path) for path in _paths(stage.get(kind, [])))
     return {posixpath.normpath(path) for path in found}
+
+
+def _expanded_stages(pipeline: dict, folder: Path) -> list[dict]:
+    """dvc.yaml's stages, a `foreach` stage once per item (its `${key}` filled in), the items
+    being a literal list or dict or a params.yaml entry named `${name}`."""
+    stages = []
+    for stage in (pipeline.get("stages") or {}).values():
+        if "foreach" not in stage:
+            stages.append(stage)
+            continue
+        items = stage["foreach"]
+        if isinstance(items, str):  # ${members}
+            params = yaml.safe_load((folder / "params.yaml").read_text()) or {}
+            items = params.get(items.removeprefix("${").removesuffix("}"), {})
+        definition = yaml.safe_dump(stage["do"])
+        for key in items:
+            stages.append(yaml.safe_load(definition.replace("${key}", str(key))))
+    return stages
 
 
 def _paths(entries: list) -> list[str]:

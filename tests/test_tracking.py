@@ -184,6 +184,9 @@ STAGE_WRITES = (
     "models/threshold.json",
     "plots/evaluate/test_roc.csv",
     "plots/train/history.csv",
+    "metrics/members/lite0.json",  # a foreach stage's outputs
+    "plots/members/lite0/history.csv",
+    "data/members/.gitignore",  # DVC's, beside the outputs it caches
 )
 
 
@@ -232,3 +235,5 @@ def test_pipeline_outputs_are_every_declared_output_of_dvc_yaml():
     assert {"models/threshold.json", "metrics/evaluate.json", "plots/evaluate"} <= outputs
     assert {"data/processed", "models/model.pt", "plots/train/history.png"} <= outputs
     assert not {"params.yaml", "dvc.yaml", "stages/evaluate.py", "data/raw/lesions.csv"} & outputs
+    members = {"models/members/resnet.pt", "data/members/lite0.csv", "metrics/ensemble.json"}
+    assert members <= outputs
