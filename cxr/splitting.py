@@ -3,6 +3,11 @@
 Kaggle's val folder holds 16 images, too few to choose a threshold or stop early on. The
 official train and val images are pooled and re-split so that no patient and no byte-identical
 image appears on both sides; the official test set is kept as the test set.
+
+The pool is cut into k = round(1 / val_fraction) patient-grouped, class-stratified folds and
+fold `split.fold` is validation, so the k choices of `fold` validate every patient exactly once:
+tools/cross_validate.py runs a configuration on each to rank configurations more finely than
+one validation split can.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from typing import Annotated
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 from sklearn.model_selection import StratifiedGroupKFold
 
 from cxr.params import Count, Section
@@ -21,8 +26,24 @@ SPLIT_COLUMNS = ["path", "label", "patient_id", "sha256", "split", "reason"]
 
 class SplitParams(Section):
     val_fraction: Annotated[float, Field(gt=0, le=0.5)]
+    fold: Count
     seed: Count
     drop_test_patient_overlap: bool
+
+    @model_validator(mode="after")
+    def _fold_exists(self) -> SplitParams:
+        folds = fold_count(self.val_fraction)
+        if self.fold >= folds:
+            raise ValueError(
+                f"split.fold must be below the {folds} folds that split.val_fraction "
+                f"{self.val_fraction} makes (round(1 / val_fraction)), got {self.fold}"
+            )
+        return self
+
+
+def fold_count(val_fraction: float) -> int:
+    """Folds of the pool, one of which is validation: 0.15 makes 7 (14% validation)."""
+    return max(2, round(1 / val_fraction))
 
 
 def connected_groups(patients: pd.Series, hashes: pd.Series) -> np.ndarray:
@@ -42,7 +63,11 @@ def connected_groups(patients: pd.Series, hashes: pd.Series) -> np.ndarray:
 
 
 def split_dataset(
-    manifest: pd.DataFrame, val_fraction: float, seed: int, drop_test_patient_overlap: bool
+    manifest: pd.DataFrame,
+    val_fraction: float,
+    seed: int,
+    drop_test_patient_overlap: bool,
+    fold: int = 0,
 ) -> pd.DataFrame:
     """Assign every readable image to train, val or test; leaked or unreadable ones to excluded."""
     table = manifest.assign(split="", reason="")
@@ -62,9 +87,8 @@ def split_dataset(
     pool_index = table.index[pool & (table["split"] == "")]
     pool_rows = table.loc[pool_index]
     groups = connected_groups(pool_rows["patient_id"], pool_rows["sha256"])
-    folds = max(2, round(1 / val_fraction))
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    _, val_positions = next(splitter.split(pool_rows, pool_rows["label"], groups))
+    splitter = StratifiedGroupKFold(fold_count(val_fraction), shuffle=True, random_state=seed)
+    _, val_positions = list(splitter.split(pool_rows, pool_rows["label"], groups))[fold]
     table.loc[pool_index, "split"] = "train"
     table.loc[pool_index[val_positions], "split"] = "val"
     return table[SPLIT_COLUMNS]

@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         val_fraction=params.split.val_fraction,
         seed=params.split.seed,
         drop_test_patient_overlap=params.split.drop_test_patient_overlap,
+        fold=params.split.fold,
     )
     report = split_report(table)
     report["test_patient_id_collisions"] = count_test_patient_collisions(manifest)

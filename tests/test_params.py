@@ -49,6 +49,7 @@ def test_integral_float_is_accepted_for_int_and_bool_strings(params_file: Path):
         ({"lr": "fast"}, "lr: Input should be a valid number, unable to parse string"),
         ({"lr": 0}, "lr: Input should be greater than 0, got 0"),
         ({"split": {"val_fraction": 0.9}}, "split.val_fraction: Input should be less than or"),
+        ({"split": {"fold": 7}}, "split.fold must be below the 7 folds that split.val_fraction"),
         ({"train": {"ema_decay": 1}}, "train.ema_decay: Input should be less than 1, got 1"),
         ({"train": {"augment": {"hflip": "maybe"}}}, "train.augment.hflip: Input should be a"),
         ({"data": {"source": "s3"}}, "data.source: Input should be 'demo', 'kaggle', 'url' or"),

@@ -1,3 +1,5 @@
+import argparse
+import json
 import shutil
 
 import pandas as pd
@@ -6,6 +8,7 @@ import pytest
 from cxr.dataset import build_manifest
 from cxr.demo import generate_demo_dataset
 from cxr.splitting import connected_groups, split_dataset, split_report
+from tools.cross_validate import FIGURES, fold_settings, parse_configs, summary, validation_figures
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +90,50 @@ def test_dropping_test_patient_ids(manifest: pd.DataFrame):
     dropped = split_dataset(collided, 0.2, 0, drop_test_patient_overlap=True)
     assert kept.loc[first_train, "split"] in ("train", "val")
     assert dropped.loc[first_train, "reason"] == "patient id in test set"
+
+
+def test_the_folds_validate_every_pool_patient_exactly_once(manifest: pd.DataFrame):
+    folds = [split_dataset(manifest, 0.2, 0, False, fold=fold) for fold in range(5)]
+    assert folds[0].equals(_split(manifest))
+    pool = folds[0]["split"].isin(["train", "val"])
+    validated = pd.concat([table.loc[table["split"] == "val", "path"] for table in folds])
+    assert validated.is_unique
+    assert set(validated) == set(folds[0].loc[pool, "path"])
+    for table in folds:
+        assert table["split"].isin(["train", "val"]).equals(pool)  # test and excluded stay put
+        assert split_report(table)["overlap"]["train/val"] == {"patients": 0, "identical_images": 0}
+        assert set(table.loc[table["split"] == "val", "label"]) == {"NORMAL", "PNEUMONIA"}
+
+
+def test_cross_validation_reads_validation_only_and_pairs_the_folds(tmp_path):
+    settings = fold_settings(4, 3, ["lr=5e-4"])
+    assert settings == ["split.val_fraction=0.25", "split.fold=3", "lr=5e-4"]
+    val = {name: 0.5 for name in FIGURES} | {"log_loss": 0.25}
+    test = {name: 0.9 for name in FIGURES}
+    metrics = {"threshold": 0.5, "val": val, "test": test}
+    (tmp_path / "evaluate.json").write_text(json.dumps(metrics))
+    assert validation_figures(tmp_path / "evaluate.json") == val
+
+    def folds(losses: list[float]) -> list[dict[str, float]]:
+        return [{name: 0.5 for name in FIGURES} | {"log_loss": loss} for loss in losses]
+
+    table = summary({"base": folds([0.10, 0.20, 0.30]), "new": folds([0.06, 0.14, 0.28])})
+    rows = table.splitlines()
+    assert rows[2].startswith("| base | 0.2000 ± 0.1000 | 0.5000 ± 0.0000 |")
+    assert rows[3].startswith("| new | 0.1600 ± 0.1114 |")
+    # Paired differences -0.04, -0.06, -0.02: mean -0.04, sd 0.02, standard error 0.02/sqrt(3).
+    assert rows[4].startswith("| new minus base (paired) | -0.0400 ± 0.0115 | +0.0000 ± 0.0000 |")
+    assert rows[-1] == "Lowest mean validation log_loss: new (0.1600)."
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (["a", "split.fold=1"], "--config a: 'split.fold=1': the folds set split.val_fraction"),
+        (["a", "lr"], "--config a: 'lr' is not key=value"),
+    ],
+)
+def test_cross_validation_refuses_settings_it_cannot_pair(config, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_configs([config], argparse.ArgumentParser())
+    assert message in capsys.readouterr().err
