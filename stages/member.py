@@ -1,7 +1,7 @@
 """Train one ensemble member, `members.<name>` of params.yaml, and score every split with it.
 
 dvc.yaml runs this once per member (`member@<name>`, foreach). The member trains as the train
-stage's network does (`stages.train.train_model`: same loop, checkpoints, MLflow run, tagged
+stage's network does (`cxr.trainer.train_model`: same loop, checkpoints, MLflow run, tagged
 `dvc.stage: member@<name>`), from its own weights, which it resolves itself: a registry
 package's file is checked against the sha256 pinned in cxr/pretrained.py, and a file given by
 path must be pinned by `pretrained_sha256`, since a path says nothing about content. Its raw
@@ -26,9 +26,9 @@ from cxr.params import BatchSize, ParamsError, StageParams, load_params
 from cxr.pretrained import PACKAGES, resolve
 from cxr.processed import SPLITS, load_split
 from cxr.stage import paths, project_root, require, run
+from cxr.trainer import train_model
 from cxr.training import Params as TrainingParams
 from cxr.training import TrainParams, check_processes, predict_logits
-from stages.train import train_model
 
 
 class Params(StageParams):

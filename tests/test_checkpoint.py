@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from cxr import trainer
 from cxr.checkpoint import load_resumable
 from cxr.params import load_params
 from cxr.stage import StageError
 from cxr.training import Params
-from stages import train
 from tests.conftest import REPO
 
-CHECKPOINT = train.CHECKPOINTS / "train.pt"  # the train stage's
+CHECKPOINT = trainer.CHECKPOINTS / "train.pt"  # the train stage's
 
 
 class Planted:
@@ -30,7 +30,7 @@ class Planted:
 @pytest.fixture
 def resuming(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Params:
     monkeypatch.chdir(tmp_path)
-    train.CHECKPOINTS.mkdir()
+    trainer.CHECKPOINTS.mkdir()
     params = load_params(Params, REPO / "params.yaml")
     assert params.runtime.resume
     return params

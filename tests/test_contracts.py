@@ -200,8 +200,9 @@ def test_every_stage_reads_some_params_and_the_recorder_sees_nested_keys(reads):
 # table says so. `validate` (stages/validate.py) holds every section's schema; it runs in
 # seconds and its output never changes, so it re-runs nothing after it. `tracking` writes the
 # MLflow record that is part of what a stage produces. `member` stands for every member@<name>
-# (one definition in dvc.yaml); it runs train's work function, so it shares train's row but
-# for `pretrained` (it resolves its own weights). Not listed: modules no stage imports (the
+# (one definition in dvc.yaml); it trains with cxr/trainer.py as train does, so it shares
+# train's row but for `pretrained` (it resolves its own weights) and `distill` (how train
+# learns from the members must not retrain them). Not listed: modules no stage imports (the
 # CLI, the page, the served model).
 EVERY_STAGE = " ".join(dict.fromkeys(s.split("@")[0] for s in STAGES))
 INTENDED_DEPS = {
@@ -215,7 +216,7 @@ INTENDED_DEPS = {
     "cxr/dataset.py": "validate download",
     "cxr/demo.py": "download guard",
     "cxr/device.py": "validate member train guard evaluate gradcam export",
-    "cxr/distill.py": "validate member ensemble train",
+    "cxr/distill.py": "validate ensemble train",
     "cxr/distributed.py": "validate member train",
     "cxr/evaluation.py": "validate ensemble evaluate",
     "cxr/explain.py": "validate gradcam",
@@ -238,6 +239,7 @@ INTENDED_DEPS = {
     "cxr/splitting.py": "validate split",
     "cxr/stage.py": EVERY_STAGE,
     "cxr/tracking.py": "member ensemble train guard evaluate gradcam export",
+    "cxr/trainer.py": "member train",
     "cxr/training.py": "validate member train",
 }  # fmt: skip
 
@@ -252,3 +254,7 @@ def test_each_module_is_a_dep_of_the_intended_stages_only():
     # The ensemble's scoring code retrains no member and no network.
     trains = {m for m, stages in INTENDED_DEPS.items() if {"member", "train"} & set(stages.split())}
     assert "cxr/evaluation.py" not in trains
+    # Nor does an edit to how the train stage distills, or to its script: members train with
+    # cxr/trainer.py, not through stages/train.py.
+    assert "member" not in INTENDED_DEPS["cxr/distill.py"].split()
+    assert "stages/train.py" not in pipeline_stages(REPO)["member@lite0"]["deps"]

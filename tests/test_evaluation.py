@@ -38,7 +38,7 @@ from cxr.evaluation import (
     specificity_at_sensitivity,
 )
 from cxr.metric_figures import save_figures
-from stages.train import save_history_figure
+from cxr.trainer import save_history_figure
 
 BINS = 10
 INTERVAL_KEYS = {"roc_auc", "sensitivity", "specificity", "accuracy"}
