@@ -253,8 +253,8 @@ def test_plots_show_and_diff_render_every_curve(repo):
 
 @pytest.mark.skipif(
     not os.environ.get("CXR_LONG_TESTS"),
-    reason="two whole pipelines and two partial ones, about 8 min on 2 cores, more than CI can "
-    "spare: CXR_LONG_TESTS=1 runs it",
+    reason="two folds' pipelines, two partial ones and the workspace rebuilt, about 8 min on 2 "
+    "cores, more than CI can spare: CXR_LONG_TESTS=1 runs it",
 )
 def test_cross_validation_runs_each_configuration_on_every_fold_and_restores_the_workspace(repo):
     folder, env = repo
@@ -272,7 +272,8 @@ def test_cross_validation_runs_each_configuration_on_every_fold_and_restores_the
         if " fold " in line and line.split(":", 1)[0].endswith(("1/2", "2/2"))
     }
     # Each fold validates other patients; a Grad-CAM setting cannot change the network's
-    # figures, and the second configuration reuses each fold's network (run cache).
+    # figures, and the second configuration reuses each fold's network (DVC skips the stages
+    # it leaves unchanged).
     assert folds["base fold 1/2"] != folds["base fold 2/2"]
     assert folds["cams fold 1/2"] == folds["base fold 1/2"]
     assert folds["cams fold 2/2"] == folds["base fold 2/2"]

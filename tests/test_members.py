@@ -223,13 +223,19 @@ def test_a_member_table_of_other_images_names_the_file(
         _run_ensemble(folder, "ensemble", monkeypatch)
 
 
-def test_train_refuses_teacher_logits_of_other_images(prepared_project: Path, tmp_path: Path):
+def test_train_reads_the_teacher_with_its_settings_and_refuses_other_images(
+    prepared_project: Path, tmp_path: Path
+):
     split = load_split("train", prepared_project / "data/processed")
     table = pd.read_csv(prepared_project / "data/teacher.csv")
     assert table["path"].tolist() == split.index["path"].tolist()
-    distill = DistillParams(teacher="ensemble", temperature=2.0, weight=0.5)
+    distill = DistillParams(teacher="ensemble", temperature=3.0, weight=0.25)
     taught = read_teacher(prepared_project / "data/teacher.csv", distill, split)
     assert taught.logits.shape == (len(split.labels),)
+    assert taught.sha256 == sha256_of(prepared_project / "data/teacher.csv")
+    loss = taught.loss(LABEL_LOSS)  # the declared temperature and weight reach the loss
+    assert isinstance(loss, DistillationLoss) and loss.hard is LABEL_LOSS
+    assert (loss.temperature, loss.weight) == (3.0, 0.25)
     table.iloc[1:].to_csv(tmp_path / "short.csv", index=False)
     with pytest.raises(StageError, match=r"short\.csv holds .* do not follow the training split"):
         read_teacher(tmp_path / "short.csv", distill, split)

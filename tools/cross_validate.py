@@ -10,8 +10,11 @@ difference to the first one, with its standard error over folds. Only validation
 the deployed network (`metrics/evaluate.json`, calibrated as evaluate calibrates them) are
 read; the test set plays no part in the choice, and this script prints none of it.
 
-A configuration is a name and `-S` settings; the first is the reference. The script restores
-params.yaml and the workspace's results (`dvc repro`, from the run cache) when it is done.
+A configuration is a name and `-S` settings; the first is the reference. Within a fold, DVC
+skips the stages a configuration leaves unchanged (a Grad-CAM setting does not retrain). When it
+is done the script restores params.yaml and rebuilds the workspace's results with `dvc repro`:
+DVC's run cache holds no stage with an uncached plots folder (members, train and the stages
+after it), so those train again, as long as one fold does.
 
 Run from the repository root:
   python -m tools.cross_validate --folds 5 --config base --config slow lr=5e-4 epochs=20
@@ -124,7 +127,7 @@ def main() -> None:
                 print(f"{name} fold {fold + 1}/{args.folds}: " + json.dumps(figures), flush=True)
     finally:
         params.write_text(original)
-        subprocess.run(["dvc", "repro", "--quiet"], check=True)  # the run cache restores it
+        subprocess.run(["dvc", "repro", "--quiet"], check=True)
     print(summary(results))
 
 
