@@ -189,17 +189,18 @@ def test_queued_experiments_log_to_a_tracking_server_two_at_a_time_from_a_fresh_
     # A task whose stages ran and failed is this project's bug. One that failed before any
     # stage ran, with no log, is DVC's race between workers (treeverse/dvc#10673): noted, and
     # that experiment queued again, alone.
-    for name in _failed_tasks(status):
+    failed = _failed_tasks(status)
+    for name in failed:
         log = _task_log(queue, name)
         assert log is None, f"{status}\n--- dvc queue logs {name}:\n{log[-6000:]}"
-    if setup_failures := _failed_tasks(status):
+    if failed:
         warnings.warn(
-            f"queued experiments {setup_failures} failed before any stage ran, queued again "
+            f"queued experiments {failed} failed before any stage ran, queued again "
             f"(treeverse/dvc#10673):\n{_worker_logs(clone)}",
             stacklevel=1,
         )
         dvc(queue, "queue", "remove", "--failed")
-        for name in setup_failures:
+        for name in failed:
             dvc(queue, "exp", "run", "--queue", "--name", name, "-S", settings[name])
         status = _run_queue(queue, jobs=1)
     assert status.count("Success") == 2, f"{status}\n{_worker_logs(clone)}"
