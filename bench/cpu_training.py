@@ -67,13 +67,13 @@ def with_threads(threads: int, timed: BareStep, steps: int, warmup: int) -> tupl
 def validation(setup: Setup, steps: int, warmup: int) -> tuple[int, float]:
     """(images, seconds) of forward-only batches as `cxr.training.validate` runs them."""
     n, size = setup.params.batch_size, setup.params.image_size
-    images = torch.randint(0, 256, (n, size, size), dtype=torch.uint8)
+    data = DeviceData(torch.randint(0, 256, (n, size, size), dtype=torch.uint8), torch.zeros(n))
     for _ in range(warmup):
-        predict_logits(setup.run.model, images, setup.numerics, n)
+        predict_logits(setup.run.model, data, setup.numerics, n)
     sync(setup.numerics.device)
     start = time.perf_counter()
     for _ in range(steps):
-        predict_logits(setup.run.model, images, setup.numerics, n)
+        predict_logits(setup.run.model, data, setup.numerics, n)
     sync(setup.numerics.device)
     return n * steps, time.perf_counter() - start
 

@@ -29,10 +29,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `train.precision`, or None for plain fp32.
 
     `auto` uses bf16 only on a GPU that supports it (no loss scaling needed) and fp32 elsewhere:
-    on a CPU bf16 is a measured choice (1.5x faster training steps on this AVX2-only CPU,
-    bench/cpu_training.py), not a default, because whether its 8-bit mantissa costs accuracy is
-    a question for validation. fp16 needs CUDA. A format the device cannot run is an error
-    rather than a silent substitute.
+    on a CPU bf16 is a measured choice per network, not a default (bench/cpu_training.py on an
+    AVX2-only CPU: DenseNet121's training step faster, EfficientNet-Lite0's depthwise
+    convolutions 12x slower), and whether its 8-bit mantissa costs accuracy is a question for
+    validation. fp16 needs CUDA. A format the device cannot run is an error rather than a
+    silent substitute.
     """
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if precision == "fp32" or (precision == "auto" and not cuda_bf16):

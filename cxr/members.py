@@ -33,6 +33,10 @@ class MemberParams(Section):
     head_lr: NonNegative = 0
     unfreeze: Literal["all", "progressive"] = "all"
     backbone_lr_scale: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # train.precision's choices, or "train" to inherit it. Speed in a format depends on the
+    # network: on an AVX2-only CPU bf16 speeds DenseNet121 up, and slows EfficientNet-Lite0's
+    # depthwise convolutions down 12x (docs/speed.md).
+    precision: Literal["train", "auto", "bf16", "fp16", "fp32"] = "train"
 
     @model_validator(mode="after")
     def _consistent(self) -> MemberParams:

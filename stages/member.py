@@ -57,6 +57,8 @@ def training_params(params: Params, name: str) -> TrainingParams:
     train = settings(params.train, TrainParams)
     keep = ("freeze_epochs", "head_lr", "unfreeze", "backbone_lr_scale")
     train |= {key: getattr(own, key) for key in keep}
+    if own.precision != "train":
+        train["precision"] = own.precision
     model = {
         "arch": own.arch,
         "pretrained": own.pretrained,

@@ -103,6 +103,13 @@ def test_a_member_trains_with_its_own_network_and_schedule_and_the_shared_rest(t
     assert params.train.augment.rotation_deg == raw["train"]["augment"]["rotation_deg"]
     assert params.train.patience == raw["train"]["patience"]
     assert params.batch_size == raw["batch_size"]
+    assert params.train.precision == raw["train"]["precision"]  # inherited unless it says
+    raw["train"]["precision"], raw["members"]["lite0"]["precision"] = "bf16", "fp32"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = member.training_params(load_params(member.Params, tmp_path / "params.yaml"), "lite0")
+    assert params.train.precision == "fp32"
+    resnet = member.training_params(load_params(member.Params, tmp_path / "params.yaml"), "resnet")
+    assert resnet.train.precision == "bf16"
     with pytest.raises(ParamsError, match=r"members\.nobody: no such member .*lite0, resnet"):
         member.training_params(load_params(member.Params, tmp_path / "params.yaml"), "nobody")
 
