@@ -30,8 +30,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
     `auto` uses bf16 only on a GPU that supports it (no loss scaling needed) and fp32 elsewhere:
     on a CPU bf16 is a measured choice per network, not a default (bench/cpu_training.py on an
-    AVX2-only CPU: DenseNet121's training step faster, EfficientNet-Lite0's depthwise
-    convolutions 12x slower), and whether its 8-bit mantissa costs accuracy is a question for
+    AVX2-only CPU: DenseNet121's training step 1.5x faster, EfficientNet-Lite0's about 13x
+    slower), and whether its 8-bit mantissa costs accuracy is a question for
     validation. fp16 needs CUDA. A format the device cannot run is an error rather than a
     silent substitute.
     """
