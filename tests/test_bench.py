@@ -1,8 +1,8 @@
 """The benchmarks in bench/ still run against today's code, on tiny settings.
 
 Nothing here times anything (speed is the benchmarks' job, not the tests'): a benchmark that no
-longer runs is found here, not when someone needs its figure (bench/cpu_training.py called
-`predict_logits` with a tensor for months after its signature changed). Each run must print
+longer runs is found here, not when someone needs its figure (bench/cpu_training.py kept
+calling `predict_logits` with a tensor after e16084b made it take a split). Each run must print
 its ratio table with one row per path, the reference at ratio 1.00 and a positive rate.
 """
 
