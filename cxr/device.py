@@ -29,11 +29,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `train.precision`, or None for plain fp32.
 
     `auto` uses bf16 only on a GPU that supports it (no loss scaling needed) and fp32 elsewhere:
-    on a CPU bf16 is a measured choice per network, not a default (bench/cpu_training.py on an
-    AVX2-only CPU: DenseNet121's training step 1.5x faster, EfficientNet-Lite0's about 13x
-    slower), and whether its 8-bit mantissa costs accuracy is a question for
-    validation. fp16 needs CUDA. A format the device cannot run is an error rather than a
-    silent substitute.
+    on a CPU bf16 is a measured choice per network and per CPU, not a default
+    (bench/cpu_training.py: DenseNet121's training step 2x faster on one 2-core machine, every
+    network about 10x slower on an AMD EPYC with AVX2 only), and whether its 8-bit mantissa
+    costs accuracy is a question for validation. fp16 needs CUDA. A format the device cannot
+    run is an error rather than a silent substitute.
     """
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if precision == "fp32" or (precision == "auto" and not cuda_bf16):

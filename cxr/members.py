@@ -34,8 +34,8 @@ class MemberParams(Section):
     unfreeze: Literal["all", "progressive"] = "all"
     backbone_lr_scale: Annotated[float, Field(gt=0, le=1)] = 1.0
     # train.precision's choices, or "train" to inherit it. Speed in a format depends on the
-    # network: on an AVX2-only CPU bf16 speeds DenseNet121's training step up 1.5x and slows
-    # EfficientNet-Lite0's down about 13x (docs/speed.md).
+    # network and the CPU: on one 2-core machine bf16 sped DenseNet121's training step up 2x,
+    # on another (AVX2 only) it slowed EfficientNet-Lite0's down 13x (docs/speed.md).
     precision: Literal["train", "auto", "bf16", "fp16", "fp32"] = "train"
 
     @model_validator(mode="after")

@@ -106,3 +106,53 @@ def test_each_stage_checks_its_own_sections_and_validate_checks_the_whole_file(
     assert load_params(gradcam.Params).gradcam.method == "gradcam"
     with pytest.raises(ParamsError, match=r"params.yaml: trian: unknown key$"):
         validate.main([str(checked)])
+
+
+# The documentation's `dvc exp run -S key=value` commands, checked against params.yaml as typed.
+DOCS = [REPO / "README.md", REPO / "bench" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+OVERRIDE = re.compile(r"-S\s+'?(\+?)([\w.]+)=([^\s'`]*)")
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """Every `dvc exp run` in the docs' fenced blocks, its continuation lines joined."""
+    commands = []
+    for doc in DOCS:
+        for block in re.findall(r"```[a-z]*\n(.*?)```", doc.read_text(), re.S):
+            joined = block.replace("\\\n", " ").splitlines()
+            commands += [(doc.name, line) for line in joined if "dvc exp run" in line]
+    return commands
+
+
+def test_every_documented_override_names_a_key_params_yaml_has():
+    # DVC's -S (Hydra's override grammar) refuses a key that params.yaml lacks unless it is
+    # spelled +key, even one the schema defaults: such a documented command fails as typed.
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    wrong = []
+    for doc in DOCS:
+        for plus, key, _ in OVERRIDE.findall(doc.read_text()):
+            node: object = params
+            for part in key.split("."):
+                node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+            if (node is KeyError) != bool(plus):
+                wrong.append(f"{doc.relative_to(REPO)}: -S {plus}{key}")
+    assert not wrong, f"overrides that `dvc exp run` would refuse: {wrong}"
+
+
+def test_documented_commands_are_found():
+    commands = documented_commands()
+    assert any(line.startswith("dvc exp run -S lr=1e-5 ") for _, line in commands)
+    assert any(doc == "README.md" and "--name real-distilled" in line for doc, line in commands)
+    assert len(commands) >= 5
+
+
+@pytest.mark.parametrize(("doc", "command"), documented_commands())
+def test_every_documented_command_gives_valid_params(params_file: Path, doc: str, command: str):
+    overrides: dict = {}
+    for _, key, value in OVERRIDE.findall(command):
+        *parents, leaf = key.split(".")
+        node = overrides
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value) if value != '""' else ""
+    set_params(params_file, overrides)
+    load_params(Params, params_file / "params.yaml")  # raises ParamsError naming the key
