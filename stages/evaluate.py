@@ -107,7 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     require(args.model, args.guard, args.processed)
     device = str(pick_device(params.runtime.device))
     classifier = Classifier.load(
-        args.model, device=device, guard_file=args.guard, with_threshold=False
+        args.model,
+        device=device,
+        guard_file=args.guard,
+        with_threshold=False,
+        channels_last=params.runtime.channels_last,
     )
     # The temperature and threshold are chosen below, on logits computed with this setting.
     classifier.flip_tta = settings.flip_tta

@@ -39,7 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     use_cpu_threads(params.runtime.threads)
     settings = params.export
     require(args.model, args.threshold, args.guard, args.processed)
-    classifier = Classifier.load(args.model, threshold_file=args.threshold, guard_file=args.guard)
+    classifier = Classifier.load(
+        args.model,
+        threshold_file=args.threshold,
+        guard_file=args.guard,
+        channels_last=params.runtime.channels_last,
+    )
     images = np.asarray(load_split("test", args.processed).images)
 
     with atomic_path(args.onnx) as tmp:

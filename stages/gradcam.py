@@ -102,7 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     require(args.model, args.threshold, args.predictions, args.processed, args.lesions)
     device = str(pick_device(params.runtime.device))
     classifier = Classifier.load(
-        args.model, device=device, threshold_file=args.threshold, with_guard=False
+        args.model,
+        device=device,
+        threshold_file=args.threshold,
+        with_guard=False,
+        channels_last=params.runtime.channels_last,
     )
     model, size = classifier.model, classifier.card.image_size
     try:

@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     use_cpu_threads(params.runtime.threads)
     settings = params.guard
     require(args.model, args.processed)
-    classifier = Classifier.load(args.model, with_guard=False)
+    classifier = Classifier.load(
+        args.model, with_guard=False, channels_last=params.runtime.channels_last
+    )
     train, val, test = (load_split(split, args.processed) for split in ("train", "val", "test"))
 
     guard = fit_guard(
