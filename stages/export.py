@@ -52,9 +52,11 @@ def main(argv: list[str] | None = None) -> None:
         onnx_model = load_onnx(tmp)
         exported, reference = onnx_model.assess(images), classifier.assess(images)
         # what the graph computes: each backend's logits and guard scores, without flip TTA
-        onnx_raw, torch_raw = (
-            replace(model, flip_tta=False).assess(images) for model in (onnx_model, classifier)
-        )
+        onnx_raw, torch_raw = (exported, reference)
+        if classifier.flip_tta:
+            onnx_raw, torch_raw = (
+                replace(model, flip_tta=False).assess(images) for model in (onnx_model, classifier)
+            )
         difference = float(np.abs(onnx_raw.logit - torch_raw.logit).max())
         probability_difference = float(np.abs(exported.probability - reference.probability).max())
         # guard scores run from about 1 to thousands: compared relative to their size

@@ -42,6 +42,12 @@ BENCHMARKS = [
         "(a)",
         ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(g)"],
     ),
+    (
+        "inference.py",
+        ["--arch", "resnet10t", "--size", "32", "--images", "8", "--rounds", "1", "--warmup", "0"],
+        "(a)",
+        ["(a)", "(b)", "(c)", "(d)"],
+    ),
 ]
 
 

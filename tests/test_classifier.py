@@ -4,6 +4,8 @@ onnxruntime cannot decide differently. A fake backend with known outputs pins ea
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from torch import nn
 
 from cxr.classifier import Classifier, TorchBackend, decide
 from cxr.guard import Guard
-from cxr.model import ModelCard
+from cxr.model import ModelCard, create_model, save_model
 
 CARD = ModelCard(arch="resnet10t", image_size=2, resize="pad", mean=0.5, std=0.25)
 
@@ -84,3 +86,25 @@ def test_the_guard_brings_its_threshold_and_only_pytorch_has_a_network():
     assert classifier.ood_threshold is None
     with pytest.raises(TypeError, match="PyTorch"):
         _ = Classifier(FakeBackend(), CARD, 0.5).model
+
+
+def test_load_puts_the_weights_channels_last_unless_told_and_the_logits_agree(tmp_path: Path):
+    torch.manual_seed(0)
+    card = ModelCard(arch="resnet10t", image_size=32, resize="pad", mean=0.5, std=0.25)
+    save_model(tmp_path / "model.pt", create_model(card.arch, "none"), card)
+    last = Classifier.load(tmp_path / "model.pt")
+    nchw = Classifier.load(tmp_path / "model.pt", channels_last=False)
+
+    def spatial_weights(classifier: Classifier) -> list[torch.Tensor]:
+        """Convolution kernels whose two layouts differ (more than one input channel, k > 1)."""
+        return [p for p in classifier.model.parameters() if p.dim() == 4 and min(p.shape[1:]) > 1]
+
+    assert spatial_weights(last) and all(
+        w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        for w in spatial_weights(last)
+    )
+    assert all(w.is_contiguous() for w in spatial_weights(nchw))
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)
+    np.testing.assert_allclose(
+        last.assess(pixels).logit, nchw.assess(pixels).logit, rtol=1e-4, atol=1e-5
+    )
